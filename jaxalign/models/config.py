@@ -1,0 +1,345 @@
+"""One config for the decoder family, and its translation to and from Hugging Face configs.
+
+Every architecture jaxalign supports is the same pre-norm decoder with switches:
+
+| HF class            | norm            | mlp         | positions | qkv bias | qk norm | embed scale |
+|---------------------|-----------------|-------------|-----------|----------|---------|-------------|
+| LlamaForCausalLM    | RMS             | gated silu  | RoPE      | opt.     | no      | no          |
+| MistralForCausalLM  | RMS             | gated silu  | RoPE (+SW)| no       | no      | no          |
+| Qwen2ForCausalLM    | RMS             | gated silu  | RoPE      | q,k,v    | no      | no          |
+| Qwen3ForCausalLM    | RMS             | gated silu  | RoPE      | opt.     | q,k RMS | no          |
+| GemmaForCausalLM    | RMS (1 + w)     | gated gelu  | RoPE      | opt.     | no      | sqrt(d)     |
+| GPT2LMHeadModel     | LayerNorm       | plain gelu  | learned   | all      | no      | no          |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+HEAD_TYPES = ("lm", "scalar")
+
+
+class UnsupportedConfigError(ValueError):
+    """A Hugging Face config asks for something this decoder does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static description of a decoder; hashable so it can be a static jit argument."""
+
+    model_type: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    max_position_embeddings: int = 2048
+    # Normalisation.
+    norm_type: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-6
+    norm_scale_offset: float = 0.0  # Gemma stores w and multiplies by (1 + w)
+    # Feed-forward.
+    mlp_type: str = "gated"  # "gated" (gate/up/down) | "plain" (fc/proj)
+    activation: str = "silu"  # "silu" | "gelu_tanh" | "gelu"
+    mlp_bias: bool = False
+    # Attention.
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    # Positions.
+    position_embedding: str = "rope"  # "rope" | "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted (key, value) pairs
+    # Embeddings.
+    tie_word_embeddings: bool = False
+    scale_embeddings: bool = False  # Gemma: x * sqrt(hidden_size)
+    # Special tokens (used for HF round trips and reward pooling in HF).
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Head: "lm" -> logits [B, T, V]; "scalar" -> values [B, T] (reward model / critic).
+    head: str = "lm"
+    # Numerics and memory.
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # master params
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    attention_impl: str = "xla"  # "xla" (einsum, any backend) | "cudnn" (fused, GPU bf16)
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedConfigError(
+                f"model_type={self.model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; allowed: {REMAT_POLICIES}")
+        if self.head not in HEAD_TYPES:
+            raise ValueError(f"head={self.head!r}; allowed: {HEAD_TYPES}")
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; allowed: xla, cudnn")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def num_params(self) -> int:
+        """Parameter count from shapes alone (matches the HF model's count)."""
+        e, f, h, kv, d = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
+        norm = e * (2 if self.norm_type == "layer" else 1)
+        attn = e * h * d + 2 * e * kv * d + h * d * e
+        if self.qkv_bias:
+            attn += h * d + 2 * kv * d
+        if self.o_bias:
+            attn += e
+        if self.qk_norm:
+            attn += 2 * d
+        mlp = (3 if self.mlp_type == "gated" else 2) * e * f
+        if self.mlp_bias:
+            mlp += (2 * f if self.mlp_type == "gated" else f) + e
+        per_layer = attn + mlp + 2 * norm
+        total = self.num_layers * per_layer + self.vocab_size * e + norm
+        if self.position_embedding == "learned":
+            total += self.max_position_embeddings * e
+        if self.head == "scalar":
+            total += e
+        elif not self.tie_word_embeddings:
+            total += self.vocab_size * e
+        return total
+
+
+def _get(hf: dict[str, Any], *names: str, default: Any = None) -> Any:
+    for name in names:
+        if hf.get(name) is not None:
+            return hf[name]
+    return default
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """Reads RoPE settings from either the v5 `rope_parameters` or the v4 `rope_theta`/`rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy_scaling = hf.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = {**legacy_scaling, **{k: v for k, v in params.items() if k != "rope_theta"}}
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, (("factor", float(scaling["factor"])), ("rope_type", "linear"))
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if k not in scaling]
+        if missing:
+            raise UnsupportedConfigError(f"rope_scaling type llama3 is missing {missing}")
+        return theta, tuple(
+            sorted([(k, float(scaling[k])) for k in keys] + [("rope_type", "llama3")])
+        )
+    raise UnsupportedConfigError(
+        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3)"
+    )
+
+
+def _check_unsupported(hf: dict[str, Any], model_type: str) -> None:
+    checks = {
+        "use_sliding_window": (lambda v: bool(v) and model_type in ("qwen2", "qwen3")),
+        "scale_attn_by_inverse_layer_idx": bool,
+        "add_cross_attention": bool,
+        "attn_logit_softcapping": (lambda v: v is not None),
+        "final_logit_softcapping": (lambda v: v is not None),
+        "use_bidirectional_attention": bool,
+        "partial_rotary_factor": (lambda v: v is not None and v != 1.0),
+        "pretraining_tp": (lambda v: v not in (None, 1)),
+    }
+    for option, is_unsupported in checks.items():
+        if option in hf and is_unsupported(hf[option]):
+            raise UnsupportedConfigError(
+                f"config option {option}={hf[option]!r} ({model_type}) is not supported by jaxalign"
+            )
+    activation = _get(hf, "hidden_act", "hidden_activation", "activation_function")
+    if activation not in (None, "silu", "gelu_pytorch_tanh", "gelu_new", "gelu", "gelu_fast"):
+        raise UnsupportedConfigError(f"config option hidden_act={activation!r} is not supported")
+
+
+def from_hf_config(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """Builds a `ModelConfig` from a Hugging Face `config.json` dict."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedConfigError(
+            f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    _check_unsupported(hf, model_type)
+    architectures = hf.get("architectures") or []
+    head = "scalar" if any(a.endswith("ForSequenceClassification") for a in architectures) else "lm"
+    if head == "scalar" and hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
+        raise UnsupportedConfigError("a sequence-classification checkpoint needs num_labels=1")
+    common = dict(
+        model_type=model_type,
+        vocab_size=int(hf["vocab_size"]),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(hf["eos_token_id"])
+        if isinstance(hf.get("eos_token_id"), list)
+        else hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        head=head,
+    )
+    if model_type == "gpt2":
+        hidden = int(hf["n_embd"])
+        heads = int(hf["n_head"])
+        cfg = dict(
+            hidden_size=hidden,
+            intermediate_size=int(hf.get("n_inner") or 4 * hidden),
+            num_layers=int(hf["n_layer"]),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            max_position_embeddings=int(hf["n_positions"]),
+            norm_type="layer",
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            mlp_type="plain",
+            activation="gelu" if hf.get("activation_function") == "gelu" else "gelu_tanh",
+            mlp_bias=True,
+            qkv_bias=True,
+            o_bias=True,
+            position_embedding="learned",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        )
+    else:
+        hidden = int(hf["hidden_size"])
+        heads = int(hf["num_attention_heads"])
+        theta, scaling = _rope_from_hf(hf)
+        bias = bool(hf.get("attention_bias", False))
+        activation = _get(hf, "hidden_activation", "hidden_act", default="silu")
+        cfg = dict(
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            norm_scale_offset=1.0 if model_type == "gemma" else 0.0,
+            activation="silu" if activation == "silu" else "gelu_tanh",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qkv_bias=True if model_type == "qwen2" else bias,
+            o_bias=bias if model_type != "qwen2" else False,
+            qk_norm=model_type == "qwen3",
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
+            scale_embeddings=model_type == "gemma",
+        )
+    return ModelConfig(**{**common, **cfg, **overrides})
+
+
+_HF_CLASS_PREFIX = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma": "Gemma",
+    "gpt2": "GPT2",
+}
+
+
+def hf_architecture(config: ModelConfig) -> str:
+    prefix = _HF_CLASS_PREFIX[config.model_type]
+    if config.head == "scalar":
+        return f"{prefix}ForSequenceClassification"
+    return f"{prefix}LMHeadModel" if config.model_type == "gpt2" else f"{prefix}ForCausalLM"
+
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """The `config.json` dict that `transformers` needs to rebuild the same model."""
+    c = config
+    hf: dict[str, Any] = {
+        "model_type": c.model_type,
+        "architectures": [hf_architecture(c)],
+        "vocab_size": c.vocab_size,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": list(c.eos_token_id)
+        if isinstance(c.eos_token_id, tuple)
+        else c.eos_token_id,
+        "pad_token_id": c.pad_token_id,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "dtype": c.param_dtype,
+    }
+    if c.head == "scalar":
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if c.model_type == "gpt2":
+        hf.update(
+            n_embd=c.hidden_size,
+            n_inner=c.intermediate_size,
+            n_layer=c.num_layers,
+            n_head=c.num_heads,
+            n_positions=c.max_position_embeddings,
+            layer_norm_epsilon=c.norm_eps,
+            activation_function="gelu" if c.activation == "gelu" else "gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        return hf
+    rope_parameters: dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": "default"}
+    if c.rope_scaling:
+        rope_parameters.update(c.rope_scaling_dict)
+    hf.update(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps,
+        hidden_act="silu" if c.activation == "silu" else "gelu_pytorch_tanh",
+        rope_parameters=rope_parameters,
+        rope_theta=c.rope_theta,
+        attention_bias=c.qkv_bias if c.model_type != "qwen2" else False,
+    )
+    if c.model_type in ("llama",):
+        hf["mlp_bias"] = c.mlp_bias
+    if c.model_type == "gemma":
+        hf["hidden_activation"] = hf["hidden_act"]
+    if c.model_type == "mistral":
+        hf["sliding_window"] = c.sliding_window
+    if c.model_type in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = False
+        hf["sliding_window"] = None
+    return hf
+
+
+def llama_scaled_inv_freq(inv_freq: Any, scaling: dict[str, Any], xp: Any) -> Any:
+    """Llama 3.1 frequency rescaling (`rope_type: llama3`), as in Meta's reference code."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context / low
+    high_freq_wavelen = old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = xp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+    return xp.where(is_medium, smoothed, scaled)

@@ -1,0 +1,95 @@
+"""Per-token log-probs without materialising full-vocabulary fp32 logits for the whole batch.
+
+The sequence is cut into chunks; each chunk's logits `[B, C, V]` are built, reduced to the target
+log-prob (and optionally the entropy) and dropped. `jax.checkpoint` makes the backward pass rebuild
+each chunk's logits instead of storing them, so peak memory is O(B·C·V), not O(B·T·V).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _chunk_stats(hidden: Array, output_embedding: Array, targets: Array, temperature: float):
+    logits = jnp.einsum(
+        "bce,ev->bcv",
+        hidden,
+        output_embedding.astype(hidden.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    logits = logits / temperature
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    probs = jax.nn.softmax(logits, axis=-1)
+    entropy = log_norm - jnp.sum(probs * logits, axis=-1)
+    return target_logits - log_norm, entropy
+
+
+def token_logprobs_from_hidden(
+    hidden: Array,
+    output_embedding: Array,
+    targets: Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array]:
+    """log π(targets | hidden) and the entropy of π at each position.
+
+    Args:
+      hidden: final hidden states `[B, T, E]` that predict `targets [B, T]`.
+      output_embedding: `[E, V]`.
+      chunk_size: tokens per chunk along T (None: one chunk).
+    Returns:
+      `(logprobs [B, T], entropy [B, T])`, both float32; logits are divided by `temperature`.
+    """
+    batch, seq_len, _ = hidden.shape
+    stats = jax.checkpoint(_chunk_stats, static_argnums=(3,))
+    if chunk_size is None or chunk_size >= seq_len:
+        return stats(hidden, output_embedding, targets, temperature)
+    num_chunks = -(-seq_len // chunk_size)
+    pad = num_chunks * chunk_size - seq_len
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    hidden_chunks = hidden.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
+    target_chunks = targets.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
+    logprobs, entropy = jax.lax.map(
+        lambda xs: stats(xs[0], output_embedding, xs[1], temperature),
+        (hidden_chunks, target_chunks),
+    )
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :seq_len]  # noqa: E731
+    return unchunk(logprobs), unchunk(entropy)
+
+
+def sequence_token_logprobs(
+    model: Any,
+    params: Any,
+    input_ids: Array,
+    attention_mask: Array,
+    positions: Array | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array]:
+    """Log-prob of each input token given the tokens before it, aligned with `input_ids`.
+
+    Returns `(logprobs [B, T], entropy [B, T])` where `logprobs[:, t] = log π(x_t | x_<t)` and
+    column 0 is 0 (nothing predicts the first token). Multiply by a response mask and sum to get
+    sequence log-probs.
+    """
+    variables = {"params": params}
+    hidden = model.apply(variables, input_ids, attention_mask, positions, return_hidden=True)
+    output_embedding = model.apply(variables, method="output_embedding")
+    logprobs, entropy = token_logprobs_from_hidden(
+        hidden[:, :-1],
+        output_embedding,
+        input_ids[:, 1:],
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+    pad = ((0, 0), (1, 0))
+    return jnp.pad(logprobs, pad), jnp.pad(entropy, pad)

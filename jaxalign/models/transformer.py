@@ -1,0 +1,446 @@
+"""The decoder: one Flax Linen module for policy, reference, reward and value models.
+
+Pure-functional: `Transformer(config)` is a definition; weights live in a params pytree, so the
+policy and its frozen reference are the same module applied to two params trees.
+
+Shapes: B batch, T query length, S key length (cache), E hidden, H heads, K kv heads,
+D head dim, F mlp width, V vocab, L layers.
+
+Masks are *segment ids* `[B, T]` (int): 0 marks padding, and a token attends causally to earlier
+tokens carrying the same non-zero id. A plain 0/1 attention mask is the one-segment case;
+packed sequences use ids 1..k with positions restarting per segment.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxalign.models.config import ModelConfig, llama_scaled_inv_freq
+
+Array = jax.Array
+
+_INIT_STD = 0.02
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Decode state: keys/values of every layer and the slots' segment ids and positions."""
+
+    keys: Array  # [L, B, S, K, D]
+    values: Array  # [L, B, S, K, D]
+    segment_ids: Array  # [B, S] int32, 0 = empty or padding
+    positions: Array  # [B, S] int32
+    index: Array  # [] int32, the next slot to write
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+    """An empty cache with room for `max_length` tokens (prompt + generated)."""
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return KVCache(
+        keys=jnp.zeros(shape, dtype),
+        values=jnp.zeros(shape, dtype),
+        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+        positions=jnp.zeros((batch_size, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def default_positions(attention_mask: Array) -> Array:
+    """Positions of an unpacked, left- or right-padded batch: cumsum(mask) - 1, clipped at 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask != 0, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def last_token_index(attention_mask: Array) -> Array:
+    """Index of the rightmost non-pad token of each row, `[B]`."""
+    seq_len = attention_mask.shape[-1]
+    return (seq_len - 1 - jnp.argmax(jnp.flip(attention_mask != 0, axis=-1), axis=-1)).astype(
+        jnp.int32
+    )
+
+
+def gather_last_token(values: Array, attention_mask: Array) -> Array:
+    """`values[b, last_token_index[b]]`: a reward model's score of each sequence, `[B]`."""
+    index = last_token_index(attention_mask)
+    return jnp.take_along_axis(values, index[:, None], axis=-1)[:, 0]
+
+
+def _init(axes: tuple[str | None, ...], init: Any = None) -> Any:
+    return nn.with_logical_partitioning(init or nn.initializers.normal(_INIT_STD), axes)
+
+
+def _activation(name: str):
+    return {
+        "silu": jax.nn.silu,
+        "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    }[name]
+
+
+class Norm(nn.Module):
+    """RMSNorm `x / rms(x) * (offset + w)` (Zhang & Sennrich 2019) or LayerNorm, in fp32."""
+
+    config: ModelConfig
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        features = x.shape[-1]
+        scale_init = nn.initializers.zeros if c.norm_scale_offset else nn.initializers.ones
+        scale = self.param(
+            "scale", _init((self.axis_name,), scale_init), (features,), jnp.dtype(c.param_dtype)
+        )
+        x32 = x.astype(jnp.float32)
+        if c.norm_type == "layer":
+            bias = self.param(
+                "bias", _init((self.axis_name,), nn.initializers.zeros), (features,), c.param_dtype
+            )
+            centered = x32 - x32.mean(-1, keepdims=True)
+            normed = centered * jax.lax.rsqrt((centered**2).mean(-1, keepdims=True) + c.norm_eps)
+            out = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        else:
+            normed = x32 * jax.lax.rsqrt((x32**2).mean(-1, keepdims=True) + c.norm_eps)
+            out = normed * (c.norm_scale_offset + scale.astype(jnp.float32))
+        return out.astype(jnp.dtype(c.dtype))
+
+
+def rope_inv_freq(config: ModelConfig) -> Array:
+    """Inverse frequencies θ^(-2i/D) of RoPE (Su et al. 2021), with optional scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling_dict
+    if scaling and scaling["rope_type"] == "llama3":
+        inv_freq = llama_scaled_inv_freq(inv_freq, scaling, jnp)
+    elif scaling and scaling["rope_type"] == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    return inv_freq
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotates `x [B, T, H, D]` by its positions `[B, T]` (rotate-half convention of HF)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention_mask_4d(
+    q_segments: Array,
+    q_positions: Array,
+    q_index: Array,
+    kv_segments: Array,
+    kv_positions: Array,
+    sliding_window: int | None,
+) -> Array:
+    """Boolean `[B, 1, T, S]`: causal by slot index, same segment, key not padding, in window."""
+    kv_index = jnp.arange(kv_segments.shape[-1])
+    causal = kv_index[None, :] <= q_index[:, None]  # [T, S]
+    same_segment = q_segments[:, :, None] == kv_segments[:, None, :]
+    mask = causal[None] & same_segment & (kv_segments[:, None, :] != 0)
+    if sliding_window is not None:
+        mask &= (q_positions[:, :, None] - kv_positions[:, None, :]) < sliding_window
+    return mask[:, None]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array:
+    """softmax(q·kᵀ/√D + mask)·v with grouped kv heads; logits and softmax in fp32.
+
+    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, 1, T, S] -> [B, T, H, D].
+    """
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    batch, q_len, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(dim))
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, q_len, heads, dim)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped kv heads, RoPE, optional q/k norm and a KV cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        positions: Array,
+        layer_cache: tuple[Array, Array] | None,
+        cache_index: Array | None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        c = self.config
+        dense = functools.partial(
+            nn.DenseGeneral,
+            axis=-1,
+            dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype),
+            use_bias=c.qkv_bias,
+        )
+        q = dense(
+            (c.num_heads, c.head_dim),
+            kernel_init=_init(("embed", "heads", "head_dim")),
+            bias_init=_init(("heads", "head_dim"), nn.initializers.zeros),
+            name="q",
+        )(x)
+        kv_kernel = _init(("embed", "kv_heads", "head_dim"))
+        kv_bias = _init(("kv_heads", "head_dim"), nn.initializers.zeros)
+        k = dense((c.num_kv_heads, c.head_dim), kernel_init=kv_kernel, bias_init=kv_bias, name="k")(
+            x
+        )
+        v = dense((c.num_kv_heads, c.head_dim), kernel_init=kv_kernel, bias_init=kv_bias, name="v")(
+            x
+        )
+        if c.qk_norm:
+            q = Norm(c, axis_name="head_dim", name="q_norm")(q)
+            k = Norm(c, axis_name="head_dim", name="k_norm")(k)
+        if c.position_embedding == "rope":
+            inv_freq = rope_inv_freq(c)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        new_cache = None
+        if layer_cache is not None:
+            cached_k, cached_v = layer_cache
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cached_k, k.astype(cached_k.dtype), cache_index, 1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cached_v, v.astype(cached_v.dtype), cache_index, 1
+            )
+            new_cache = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = dot_product_attention(q, k, v, mask, c.attention_impl)
+        out = nn.DenseGeneral(
+            c.hidden_size,
+            axis=(-2, -1),
+            use_bias=c.o_bias,
+            dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype),
+            kernel_init=_init(("heads", "head_dim", "embed")),
+            bias_init=_init(("embed",), nn.initializers.zeros),
+            name="o",
+        )(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """Gated `down(act(gate x) * up x)` (Shazeer 2020) or plain `proj(act(fc x))` (GPT-2)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        dense = functools.partial(
+            nn.Dense,
+            use_bias=c.mlp_bias,
+            dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype),
+        )
+        up_init = dict(
+            kernel_init=_init(("embed", "mlp")), bias_init=_init(("mlp",), nn.initializers.zeros)
+        )
+        down_init = dict(
+            kernel_init=_init(("mlp", "embed")), bias_init=_init(("embed",), nn.initializers.zeros)
+        )
+        act = _activation(c.activation)
+        if c.mlp_type == "gated":
+            hidden = act(dense(c.intermediate_size, name="gate", **up_init)(x))
+            hidden = hidden * dense(c.intermediate_size, name="up", **up_init)(x)
+            return dense(c.hidden_size, name="down", **down_init)(hidden)
+        hidden = act(dense(c.intermediate_size, name="fc", **up_init)(x))
+        return dense(c.hidden_size, name="proj", **down_init)(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        positions: Array,
+        layer_cache: tuple[Array, Array] | None,
+        cache_index: Array | None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        attn_out, new_cache = Attention(self.config, name="attn")(
+            Norm(self.config, name="input_norm")(x), mask, positions, layer_cache, cache_index
+        )
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(Norm(self.config, name="post_attn_norm")(x))
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _layer_class(config: ModelConfig) -> type[nn.Module]:
+    if config.remat_policy == "none":
+        return DecoderLayer
+    return nn.remat(
+        DecoderLayer,
+        policy=_REMAT_POLICIES[config.remat_policy],
+        prevent_cse=not config.scan_layers,
+    )
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer with an LM head (`[B, T, V]` logits) or a scalar head (`[B, T]`).
+
+    `__call__(input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False)`:
+      - `attention_mask` `[B, T]` segment ids (0 = pad); default all ones.
+      - `positions` `[B, T]`; default `cumsum(mask) - 1` (continuing after the cache's tokens).
+      - with `cache`, the tokens are written at `cache.index` and `(output, new_cache)` is returned.
+      - `return_hidden=True` returns the final-norm hidden states `[B, T, E]` instead of the head's
+        output, for chunked log-prob computation with `output_embedding()`.
+    """
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype),
+            embedding_init=_init(("vocab", "embed")),
+        )
+        if c.position_embedding == "learned":
+            self.pos_embed = nn.Embed(
+                c.max_position_embeddings,
+                c.hidden_size,
+                dtype=jnp.dtype(c.dtype),
+                param_dtype=jnp.dtype(c.param_dtype),
+                embedding_init=_init((None, "embed")),
+            )
+        layer = _layer_class(c)
+        if c.scan_layers:
+            self.layers = nn.scan(
+                layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, name="layers")
+        else:
+            self.layers = [layer(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.final_norm = Norm(c)
+        if c.head == "scalar":
+            self.score = nn.Dense(
+                1,
+                use_bias=False,
+                dtype=jnp.float32,
+                param_dtype=jnp.dtype(c.param_dtype),
+                kernel_init=_init(("embed", None)),
+            )
+        elif not c.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head", _init(("embed", "vocab")), (c.hidden_size, c.vocab_size), c.param_dtype
+            )
+
+    def output_embedding(self) -> Array:
+        """The `[E, V]` matrix that maps final hidden states to logits."""
+        if self.config.tie_word_embeddings:
+            return self.embed.embedding.T
+        return self.lm_head
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> Array | tuple[Array, KVCache]:
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+        if positions is None:
+            positions = default_positions(attention_mask)
+            if cache is not None:
+                positions = positions + (cache.segment_ids != 0).sum(-1, keepdims=True)
+        positions = positions.astype(jnp.int32)
+
+        x = self.embed(input_ids)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
+        if c.position_embedding == "learned":
+            x = x + self.pos_embed(positions)
+
+        query_index = jnp.arange(input_ids.shape[1])
+        if cache is None:
+            kv_segments, kv_positions, cache_index = attention_mask, positions, None
+        else:
+            cache_index = cache.index
+            query_index = query_index + cache_index
+            kv_segments = jax.lax.dynamic_update_slice_in_dim(
+                cache.segment_ids, attention_mask, cache_index, 1
+            )
+            kv_positions = jax.lax.dynamic_update_slice_in_dim(
+                cache.positions, positions, cache_index, 1
+            )
+        mask = attention_mask_4d(
+            attention_mask, positions, query_index, kv_segments, kv_positions, c.sliding_window
+        )
+
+        layer_caches = None if cache is None else (cache.keys, cache.values)
+        if c.scan_layers:
+            x, new_layer_caches = self.layers(x, mask, positions, layer_caches, cache_index)
+        else:
+            new_keys, new_values = [], []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+                x, new_layer_cache = layer(x, mask, positions, layer_cache, cache_index)
+                if new_layer_cache is not None:
+                    new_keys.append(new_layer_cache[0])
+                    new_values.append(new_layer_cache[1])
+            new_layer_caches = (
+                None if cache is None else (jnp.stack(new_keys), jnp.stack(new_values))
+            )
+        hidden = self.final_norm(x)
+
+        if return_hidden:
+            out = hidden
+        elif c.head == "scalar":
+            out = self.score(hidden.astype(jnp.float32))[..., 0]
+        else:
+            out = jnp.einsum(
+                "bte,ev->btv",
+                hidden,
+                self.output_embedding().astype(hidden.dtype),
+                preferred_element_type=jnp.float32,
+            )
+        if cache is None:
+            return out
+        new_cache = KVCache(
+            keys=new_layer_caches[0],
+            values=new_layer_caches[1],
+            segment_ids=kv_segments,
+            positions=kv_positions,
+            index=cache.index + input_ids.shape[1],
+        )
+        return out, new_cache
