@@ -1,0 +1,200 @@
+"""Reading raw rows, each with the place it came from, out of local files or hub datasets.
+
+`load_rows` yields `(row, where)` pairs; `where` is what a `DataError` quotes so a bad row can be
+found by hand: `path:LINE` (1-based) for JSON Lines, `path:row N` (0-based, as `dataset[N]`) for
+parquet, JSON arrays and `datasets` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from jaxalign.data.errors import DataError, RowStats
+
+__all__ = ["DataError", "DATA_SUFFIXES", "load_rows"]
+
+Row = dict[str, Any]
+Source = str | os.PathLike | Sequence[str | os.PathLike] | Any  # Any: a `datasets.Dataset`
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def load_rows(
+    source: Source, *, split: str = "train", stats: RowStats | None = None
+) -> Iterator[tuple[Row, str]]:
+    """Yields `(row, where)` for every row of `source`, in file order.
+
+    Args:
+      source: a `.jsonl`/`.json`/`.parquet` file; a list of such files (read in the order given);
+        a directory (a `datasets.save_to_disk` folder, or data files found recursively, narrowed to
+        those named after `split` when any are, like `train.jsonl` or `train-0000.parquet`); an
+        in-memory `datasets.Dataset`/`DatasetDict`; or a hub dataset name for
+        `datasets.load_dataset`.
+      split: the split of a directory, `DatasetDict` or hub dataset; ignored for single files.
+      stats: when given, every row read is counted and unreadable rows (a JSONL line that is not a
+        JSON object) go through `stats.bad_row`, i.e. the `on_bad_row` policy; without it they
+        raise `DataError`.
+    """
+    stats = stats if stats is not None else RowStats("error")
+    for row, where in _iter_source(source, split):
+        stats.rows_read += 1
+        if isinstance(row, DataError):
+            stats.bad_row(row)
+            continue
+        yield row, where
+
+
+def _iter_source(source: Source, split: str) -> Iterator[tuple[Row | DataError, str]]:
+    if _is_hf_dataset(source):
+        yield from _iter_hf_dataset(source, split, name=_dataset_name(source))
+    elif isinstance(source, str | os.PathLike):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            yield from _iter_directory(path, split)
+        elif os.path.isfile(path):
+            yield from _iter_file(path)
+        elif _looks_like_path(path):
+            raise FileNotFoundError(f"no such data file or directory: {path}")
+        else:
+            yield from _iter_hub(path, split)
+    elif isinstance(source, Sequence):
+        for item in source:
+            path = os.fspath(item)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no such data file: {path}")
+            yield from _iter_file(path)
+    else:
+        raise TypeError(f"unsupported data source of type {type(source).__name__}: {source!r}")
+
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A missing local path must fail as such, not as a confusing hub lookup."""
+    return name.endswith(DATA_SUFFIXES) or not _HUB_NAME.match(name)
+
+
+def _iter_file(path: str) -> Iterator[tuple[Row | DataError, str]]:
+    if path.endswith(".jsonl"):
+        yield from _iter_jsonl(path)
+    elif path.endswith(".json"):
+        yield from _iter_json(path)
+    elif path.endswith(".parquet"):
+        yield from _iter_parquet(path)
+    else:
+        raise ValueError(f"unsupported data file {path}: expected one of {DATA_SUFFIXES}")
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[Row | DataError, str]]:
+    # Line by line (never through `datasets`) so every row keeps its exact line number.
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield DataError(where, None, "not_json", f"line is not JSON ({e.msg})"), where
+                continue
+            if not isinstance(row, dict):
+                detail = f"expected a JSON object, got {type(row).__name__}"
+                yield DataError(where, None, "not_object", detail), where
+                continue
+            yield row, where
+
+
+def _iter_json(path: str) -> Iterator[tuple[Row | DataError, str]]:
+    """A JSON array of objects, `{"key": [objects]}`, or (as `datasets` allows) JSON Lines."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        yield from _iter_jsonl(path)
+        return
+    if isinstance(data, dict):
+        lists = [value for value in data.values() if isinstance(value, list)]
+        if len(data) != 1 or len(lists) != 1:
+            raise DataError(path, None, "bad_file", "expected a JSON array of row objects")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(path, None, "bad_file", "expected a JSON array of row objects")
+    for index, row in enumerate(data):
+        where = f"{path}:row {index}"
+        if not isinstance(row, dict):
+            detail = f"expected a JSON object, got {type(row).__name__}"
+            yield DataError(where, None, "not_object", detail), where
+            continue
+        yield row, where
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[Row, str]]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for record_batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in record_batch.to_pylist():
+            yield row, f"{path}:row {index}"
+            index += 1
+
+
+def _iter_directory(path: str, split: str) -> Iterator[tuple[Row | DataError, str]]:
+    if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(
+        os.path.join(path, "dataset_dict.json")
+    ):
+        import datasets
+
+        yield from _iter_hf_dataset(datasets.load_from_disk(path), split, name=path)
+        return
+    files = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(path)
+        for name in names
+        if name.endswith(DATA_SUFFIXES) and not name.startswith(".")
+    )
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} files under {path}")
+    split_pattern = re.compile(rf"^{re.escape(split)}([-_.]\d|\.|-|$)")
+    in_split = [
+        f
+        for f in files
+        if split_pattern.match(os.path.basename(f))
+        or split in os.path.relpath(f, path).split(os.sep)[:-1]
+    ]
+    for file in in_split or files:
+        yield from _iter_file(file)
+
+
+def _iter_hub(name: str, split: str) -> Iterator[tuple[Row, str]]:
+    import datasets
+
+    yield from _iter_hf_dataset(datasets.load_dataset(name, split=split), split, name=name)
+
+
+def _is_hf_dataset(source: Any) -> bool:
+    if not type(source).__module__.startswith("datasets."):
+        return False
+    import datasets
+
+    return isinstance(source, datasets.Dataset | datasets.DatasetDict)
+
+
+def _dataset_name(dataset: Any) -> str:
+    info = getattr(dataset, "info", None)
+    return getattr(info, "dataset_name", None) or "dataset"
+
+
+def _iter_hf_dataset(dataset: Any, split: str, *, name: str) -> Iterator[tuple[Row, str]]:
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise KeyError(f"{name} has no split {split!r}; splits: {sorted(dataset.keys())}")
+        dataset = dataset[split]
+    for index, row in enumerate(dataset):
+        yield row, f"{name}[{split}]:row {index}"
