@@ -1,0 +1,1 @@
+"""Offline toy demo: the DPO paper's controlled-sentiment experiment on a laptop CPU."""
