@@ -1,0 +1,276 @@
+"""The one config schema: every key any trainer reads, its default, and `validate`.
+
+Config files in `configs/` start from `base_config()` and change values; they never add keys.
+`validate` runs before anything compiles and names the offending key in every error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+import ml_collections
+
+from jaxalign.models.config import REMAT_POLICIES, SUPPORTED_MODEL_TYPES
+
+ALGORITHMS = ("sft", "reward", "dpo", "ppo")
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key."""
+
+
+def tiny_model_init() -> ml_collections.ConfigDict:
+    """A random-init Llama-style model small enough for CPU tests."""
+    return ml_collections.ConfigDict(
+        dict(
+            model_type="llama",
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        )
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.algorithm = "sft"
+    c.seed = 0
+
+    # Policy (and, by default, reference) weights: a HF directory or hub id, or random init.
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = ""  # empty: random init from `model.init`
+    c.model.init = tiny_model_init()
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights
+    c.model.remat_policy = "none"
+    c.model.scan_layers = False
+    c.model.attention_impl = "xla"
+    c.model.logits_chunk_size = 0  # tokens per log-softmax chunk; 0 = whole sequence
+
+    c.tokenizer = ""  # default: model.name_or_path
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # file(s) (comma-separated), directory or hub dataset name
+    c.data.train_split = "train"
+    c.data.eval = ""
+    c.data.eval_split = "test"
+    c.data.max_length = 512
+    c.data.max_prompt_length = 256
+    c.data.buckets = (64, 128, 256, 512, 1024, 2048, 4096)
+    c.data.pack = False
+    c.data.on_bad_row = "error"  # "error" | "skip" (counted and logged)
+    c.data.shuffle = True
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 1e-5
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 0
+    c.optimizer.min_lr_ratio = 0.1
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.max_grad_norm = 1.0
+    c.optimizer.grad_accum_steps = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 8  # global batch (prompts for PPO, pairs for reward/DPO)
+    c.train.num_steps = 100
+    c.train.log_every = 10
+    c.train.eval_every = 0  # 0: only at the end (if eval data is given)
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoint = True
+    c.train.max_consecutive_nonfinite = 5
+    c.train.export_hf = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)
+    c.mesh.axis_names = ("data", "fsdp", "tensor")
+    c.mesh.logical_rules = DEFAULT_LOGICAL_RULES
+    c.mesh.distributed = False
+    c.mesh.dcn_shape = ()  # multi-slice: e.g. (2, 1, 1) data-parallel across slices
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.margin = 0.0
+    c.reward.center_coef = 0.0  # λ of λ·(r_c + r_r)²
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1
+    c.dpo.loss_type = "sigmoid"
+    c.dpo.label_smoothing = 0.0
+    c.dpo.reference_free = False
+    c.dpo.rpo_alpha = 0.0
+    c.dpo.simpo_gamma = 0.5
+    c.dpo.reference_name_or_path = ""  # default: the policy's initial weights
+    c.dpo.precompute_reference = False
+
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.reward_model = ""  # HF dir of a scalar-head model, or "judge:<name>" for a Python judge
+    c.ppo.critic_init = "reward"  # "reward" | "policy"
+    c.ppo.reference_name_or_path = ""
+    c.ppo.max_new_tokens = 32
+    c.ppo.temperature = 1.0
+    c.ppo.top_k = 0
+    c.ppo.top_p = 1.0
+    c.ppo.stop_token = ""  # extra stop string (a single token); EOS always stops
+    c.ppo.num_epochs = 4
+    c.ppo.num_minibatches = 2
+    c.ppo.clip_eps = 0.2
+    c.ppo.value_clip_eps = 0.2
+    c.ppo.value_coef = 0.1
+    c.ppo.entropy_coef = 0.0
+    c.ppo.gamma = 1.0
+    c.ppo.lam = 0.95
+    c.ppo.kl_coef = 0.05
+    c.ppo.kl_estimator = "k1"
+    c.ppo.adaptive_kl = False
+    c.ppo.kl_target = 6.0
+    c.ppo.kl_horizon = 10000
+    c.ppo.whiten_advantages = True
+    c.ppo.whiten_rewards = False
+    c.ppo.missing_eos_penalty = -1.0  # added to the score of responses without EOS; 0 = off
+    c.ppo.critic_learning_rate = 0.0  # 0: same as optimizer.learning_rate
+    return c
+
+
+def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> list[str]:
+    problems = []
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            problems.append(f"unknown config key '{path}'{hint}")
+        elif isinstance(schema[key], ml_collections.ConfigDict) and key != "init":
+            if not isinstance(config[key], ml_collections.ConfigDict):
+                problems.append(f"config key '{path}' must be a section, got {config[key]!r}")
+            else:
+                problems += _unknown_keys(config[key], schema[key], prefix=f"{path}.")
+    return problems
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{key}: {message}")
+
+
+def _check_choice(config: Any, key: str, choices: tuple[str, ...]) -> None:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def resolve_mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
+    fixed = math.prod(s for s in shape if s != -1)
+    _check(sum(s == -1 for s in shape) <= 1, "mesh.shape", f"{shape} has more than one -1")
+    _check(all(s == -1 or s >= 1 for s in shape), "mesh.shape", f"{shape} has a size < 1")
+    if -1 in shape:
+        _check(
+            num_devices % fixed == 0,
+            "mesh.shape",
+            f"{shape} cannot fill {num_devices} devices ({num_devices} is not a multiple of {fixed})",
+        )
+        shape = tuple(num_devices // fixed if s == -1 else s for s in shape)
+    _check(
+        math.prod(shape) == num_devices,
+        "mesh.shape",
+        f"{shape} needs {math.prod(shape)} devices but {num_devices} are available",
+    )
+    return tuple(shape)
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+    """Checks keys, types and values; raises `ConfigError` naming the first bad key."""
+    problems = _unknown_keys(config, base_config())
+    if problems:
+        raise ConfigError("; ".join(problems))
+    _check_choice(config, "algorithm", ALGORITHMS)
+    _check_choice(config, "model.dtype", DTYPES)
+    _check_choice(config, "model.param_dtype", DTYPES)
+    _check_choice(config, "model.remat_policy", REMAT_POLICIES)
+    _check_choice(config, "model.attention_impl", ("xla", "cudnn"))
+    _check_choice(config, "data.on_bad_row", ("error", "skip"))
+    _check_choice(config, "optimizer.name", ("adamw", "adam", "sgd", "rmsprop", "adafactor"))
+    _check_choice(config, "optimizer.schedule", ("constant", "cosine", "linear"))
+    if not config.model.name_or_path:
+        _check_choice(config, "model.init.model_type", SUPPORTED_MODEL_TYPES)
+    for key in ("train.batch_size", "train.num_steps", "train.log_every", "data.max_length"):
+        section, name = key.split(".")
+        value = config[section][name]
+        _check(
+            isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}"
+        )
+    _check(config.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
+    _check(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1")
+    _check(
+        config.train.batch_size % config.optimizer.grad_accum_steps == 0,
+        "train.batch_size",
+        f"{config.train.batch_size} is not divisible by optimizer.grad_accum_steps="
+        f"{config.optimizer.grad_accum_steps}",
+    )
+    _check(
+        0 < config.data.max_prompt_length < config.data.max_length or config.algorithm == "sft",
+        "data.max_prompt_length",
+        f"must be in (0, data.max_length={config.data.max_length})",
+    )
+    _check(
+        len(config.mesh.shape) == len(config.mesh.axis_names),
+        "mesh.shape",
+        f"{tuple(config.mesh.shape)} does not match mesh.axis_names {tuple(config.mesh.axis_names)}",
+    )
+    _check(
+        {"data", "fsdp", "tensor"} <= set(config.mesh.axis_names),
+        "mesh.axis_names",
+        "must include 'data', 'fsdp' and 'tensor'",
+    )
+    if num_devices is not None:
+        shape = resolve_mesh_shape(tuple(config.mesh.shape), num_devices)
+        axes = dict(zip(config.mesh.axis_names, shape, strict=True))
+        data_parallel = axes["data"] * axes["fsdp"]
+        micro_batch = config.train.batch_size // config.optimizer.grad_accum_steps
+        _check(
+            micro_batch % data_parallel == 0,
+            "train.batch_size",
+            f"{config.train.batch_size} (/{config.optimizer.grad_accum_steps} accumulation steps) is "
+            f"not divisible by the data-parallel size data*fsdp={data_parallel} of mesh {shape}",
+        )
+    if config.algorithm == "dpo":
+        from jaxalign.losses import DPO_LOSS_TYPES
+
+        _check_choice(config, "dpo.loss_type", DPO_LOSS_TYPES)
+        _check(config.dpo.beta > 0, "dpo.beta", "must be > 0")
+        _check(0 <= config.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+    if config.algorithm == "ppo":
+        _check(bool(config.ppo.reward_model), "ppo.reward_model", "is required for PPO")
+        _check_choice(config, "ppo.kl_estimator", ("k1", "k2", "k3"))
+        _check_choice(config, "ppo.critic_init", ("reward", "policy"))
+        _check(
+            config.train.batch_size % config.ppo.num_minibatches == 0,
+            "ppo.num_minibatches",
+            f"must divide train.batch_size={config.train.batch_size}",
+        )
+    if config.algorithm in ("sft", "reward", "dpo"):
+        _check(bool(config.data.train), "data.train", "is required")

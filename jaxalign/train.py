@@ -1,0 +1,62 @@
+"""The one training entry point.
+
+    python -m jaxalign.train --config=configs/<file>.py[:<arg>] --workdir=DIR [--config.<key>=<value> ...]
+
+`config.algorithm` picks the trainer (sft | reward | dpo | ppo). The config is validated before
+anything compiles; re-running with the same --workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxalign.config import validate
+from jaxalign.distributed import maybe_initialize
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a configs/*.py file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+
+TRAINERS = {
+    "sft": "jaxalign.trainers.sft",
+    "reward": "jaxalign.trainers.reward",
+    "dpo": "jaxalign.trainers.dpo",
+    "ppo": "jaxalign.trainers.ppo",
+}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path):
+    """Validates `config` and runs its trainer in `workdir`; returns the trainer's result."""
+    maybe_initialize(config.mesh)
+    validate(config, num_devices=jax.device_count())
+    trainer = importlib.import_module(TRAINERS[config.algorithm])
+    return trainer.train(config, Path(workdir))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    logging.getLogger().setLevel(logging.INFO)
+    result = run(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() == 0:
+        where = f"checkpoints: {result.checkpoint_dir}"
+        if result.export_dir is not None:
+            where += f"; Hugging Face model: {result.export_dir}"
+        if result.stopped_early:
+            where += f"; stopped early: {result.stopped_early}"
+        print(f"done. {where}", flush=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

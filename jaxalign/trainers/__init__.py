@@ -1,0 +1,1 @@
+"""Trainers: SFT, reward model, DPO family and PPO, all on `jaxalign.trainers.engine`."""
