@@ -151,7 +151,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.ppo.whiten_advantages = True
     c.ppo.whiten_rewards = False
     c.ppo.missing_eos_penalty = -1.0  # added to the score of responses without EOS; 0 = off
-    c.ppo.critic_learning_rate = 0.0  # 0: same as optimizer.learning_rate
     return c
 
 
@@ -272,5 +271,4 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             "ppo.num_minibatches",
             f"must divide train.batch_size={config.train.batch_size}",
         )
-    if config.algorithm in ("sft", "reward", "dpo"):
-        _check(bool(config.data.train), "data.train", "is required")
+    _check(bool(config.data.train), "data.train", "is required")
