@@ -20,10 +20,6 @@ from ml_collections import config_flags
 from jaxalign.config import validate
 from jaxalign.distributed import maybe_initialize
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a configs/*.py file.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
 
 TRAINERS = {
     "sft": "jaxalign.trainers.sft",
@@ -44,10 +40,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path):
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _WORKDIR.value is None:
+    if flags.FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     logging.getLogger().setLevel(logging.INFO)
-    result = run(_CONFIG.value, _WORKDIR.value)
+    result = run(flags.FLAGS.config, flags.FLAGS.workdir)
     if jax.process_index() == 0:
         where = f"checkpoints: {result.checkpoint_dir}"
         if result.export_dir is not None:
@@ -57,6 +53,13 @@ def main(argv: list[str]) -> None:
         print(f"done. {where}", flush=True)
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """Command-line flags, defined only when this module is the program (no import side effects)."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
     flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

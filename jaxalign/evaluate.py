@@ -1,0 +1,196 @@
+"""Reward and KL of a trained policy against its reference, on held-out prompts.
+
+    python -m jaxalign.evaluate --policy=RUN/hf --reference=SFT/hf --prompts=prompts.jsonl \
+        --judge=vader --samples_per_prompt=4 --out=eval.json
+    python -m jaxalign.evaluate --policy=RUN/hf --reference=SFT/hf --prompts=prompts.jsonl \
+        --reward_model=RM/hf
+
+For each prompt, responses y ~ π(·|x) are sampled (temperature 1); the score is the judge's (or the
+reward model's) and the sequence-level KL(π ‖ π_ref) is estimated by the sample mean of
+log π(y|x) − log π_ref(y|x) (Rafailov et al. 2023 §6.1 plot reward against this KL). Means come with
+standard errors over responses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.judges import Judge, get_judge
+from jaxalign.models import Transformer, from_pretrained, gather_last_token, load_tokenizer
+from jaxalign.sampling import SamplingConfig, generate, left_pad, response_logprobs
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return float(values.mean()) if len(values) else float("nan"), float("nan")
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a JSONL file with a `prompt` field per line."""
+    prompts = []
+    for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append(json.loads(line)["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{line_number}: expected a JSON object with 'prompt': {e}") from e
+    return prompts
+
+
+def sample_and_score(
+    policy: Transformer,
+    policy_params: Any,
+    ref_params: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    rng: jax.Array,
+    sampling: SamplingConfig,
+    judge: Judge | None = None,
+    reward_model: tuple[Transformer, Any] | None = None,
+    batch_size: int = 64,
+    prompt_bucket: int = 32,
+) -> dict[str, list]:
+    """Per-response texts, scores and log π − log π_ref summed over the response."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out: dict[str, list] = {"prompts": [], "responses": [], "scores": [], "kl": [], "length": []}
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        sequences = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+        sequences = [s[-prompt_bucket:] for s in sequences]
+        ids, mask = left_pad(sequences, prompt_bucket, sampling.pad_token_id)
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+        gen = generate(
+            policy, policy_params, ids, mask, rng=jax.random.fold_in(rng, start), config=sampling
+        )
+        logps = response_logprobs(
+            policy, policy_params, ids, mask, gen.tokens, gen.response_mask, temperature=1.0
+        )
+        ref_logps = response_logprobs(
+            policy, ref_params, ids, mask, gen.tokens, gen.response_mask, temperature=1.0
+        )
+        response_mask = np.asarray(gen.response_mask)
+        kl = np.asarray(((logps - ref_logps) * gen.response_mask).sum(-1))
+        tokens = np.asarray(gen.tokens)
+        responses = [
+            tokenizer.decode(row[keep != 0].tolist(), skip_special_tokens=True)
+            for row, keep in zip(tokens, response_mask, strict=True)
+        ]
+        if judge is not None:
+            scores = np.asarray(judge(chunk, responses))
+        else:
+            rm, rm_params = reward_model
+            full_ids = jnp.concatenate([ids, gen.tokens], axis=1)
+            full_mask = jnp.concatenate([(mask != 0).astype(jnp.int32), gen.response_mask], axis=1)
+            values = rm.apply({"params": rm_params}, full_ids, full_mask)
+            scores = np.asarray(gather_last_token(values, full_mask))
+        out["prompts"] += chunk
+        out["responses"] += responses
+        out["scores"] += [float(s) for s in scores]
+        out["kl"] += [float(k) for k in kl]
+        out["length"] += [int(n) for n in response_mask.sum(-1)]
+    return out
+
+
+def summarize(samples: dict[str, list], *, num_examples: int = 3) -> dict[str, Any]:
+    reward, reward_se = mean_and_stderr(samples["scores"])
+    kl, kl_se = mean_and_stderr(samples["kl"])
+    return {
+        "reward": reward,
+        "reward_se": reward_se,
+        "kl": kl,
+        "kl_se": kl_se,
+        "response_length": float(np.mean(samples["length"])),
+        "num_samples": len(samples["scores"]),
+        "examples": [
+            {"prompt": p, "response": r, "score": s}
+            for p, r, s in list(zip(samples["prompts"], samples["responses"], samples["scores"], strict=True))[
+                :num_examples
+            ]
+        ],
+    }
+
+
+def evaluate_checkpoint(
+    policy_dir: str,
+    reference_dir: str,
+    prompts: Sequence[str],
+    *,
+    judge_name: str = "",
+    reward_model_dir: str = "",
+    samples_per_prompt: int = 1,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Loads the checkpoints (and tokenizer from `policy_dir`) and returns `summarize(...)`."""
+    if bool(judge_name) == bool(reward_model_dir):
+        raise ValueError("give exactly one of --judge or --reward_model")
+    policy, policy_params = from_pretrained(policy_dir)
+    _, ref_params = from_pretrained(reference_dir)
+    tokenizer = load_tokenizer(policy_dir)
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    reward_model = from_pretrained(reward_model_dir, head="scalar") if reward_model_dir else None
+    samples = sample_and_score(
+        policy,
+        policy_params,
+        ref_params,
+        tokenizer,
+        [p for p in prompts for _ in range(samples_per_prompt)],
+        rng=jax.random.PRNGKey(seed),
+        sampling=sampling,
+        judge=get_judge(judge_name) if judge_name else None,
+        reward_model=reward_model,
+        batch_size=batch_size,
+    )
+    return summarize(samples)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", required=True, help="HF directory of the trained policy")
+    parser.add_argument("--reference", required=True, help="HF directory of the reference (SFT)")
+    parser.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' per line")
+    parser.add_argument("--judge", default="", help="Python judge name, e.g. vader")
+    parser.add_argument("--reward_model", default="", help="HF directory of a reward model")
+    parser.add_argument("--samples_per_prompt", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="write the summary JSON here")
+    args = parser.parse_args()
+    summary = evaluate_checkpoint(
+        args.policy,
+        args.reference,
+        read_prompts(args.prompts),
+        judge_name=args.judge,
+        reward_model_dir=args.reward_model,
+        samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    text = json.dumps(summary, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
