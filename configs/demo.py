@@ -96,5 +96,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.dpo.train.batch_size = 16
         c.reward.train.batch_size = 16
         c.preferences.min_score_gap = 0.0
+        c.preferences.eval_fraction = 0.25
         c.eval.samples_per_prompt = 1
     return c
