@@ -98,4 +98,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.preferences.min_score_gap = 0.0
         c.preferences.eval_fraction = 0.25
         c.eval.samples_per_prompt = 1
+        for stage in (c.sft, c.reward, c.ppo, c.dpo):
+            stage.optimizer.warmup_steps = 1
     return c
