@@ -1,0 +1,510 @@
+"""Memory plan: will a config fit a mesh of N devices? Answered without the devices.
+
+    python -m jaxalign.plan --config=configs/llama3_8b_dpo.py --devices=8 \
+        --mesh=data=1,fsdp=8,tensor=1 --device-memory-gb=80 [--config.<key>=<value> ...]
+
+`--devices` defaults to the product of `--mesh`; `--mesh` axes left out are 1, and without
+`--mesh` the config's `mesh.shape` is used. `--device-memory-gb` is in GiB (2**30 bytes).
+
+Nothing full-size is allocated. The model config is read from `config.json` when a
+`name_or_path` is a local directory, else taken from `PUBLISHED_CONFIGS` (the recipes' hub ids;
+the hub is never needed for those). Params and optimizer state are `jax.eval_shape`d, and the
+trainers' own `sharding.param_shardings` over a `jax.sharding.AbstractMesh` gives each leaf's
+shard shape (it raises if a rule does not divide a dim). Bytes per device:
+
+  params           Σ shard sizes × param_dtype of the trained models (PPO: policy + critic)
+  optimizer state  Σ shard sizes of `jax.eval_shape(tx.init, params)` for `config.optimizer`
+  gradients        params × 2 when grad_accum_steps > 1 (float32 accumulator + a microbatch's)
+  frozen models    DPO: the reference (not when reference-free or precomputed); PPO: the
+                   reference and the reward model. Stored in param_dtype, as the trainers do.
+  activations      `activation_bytes` for one microbatch; PPO: the larger of the update step
+                   (policy + critic) and the rollout (KV cache + one forward)
+
+Not counted: XLA temporaries beyond the estimate, fragmentation, and the runtime's own share
+(on GPU, JAX preallocates 75% of memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from jaxalign import sharding as shd
+from jaxalign.config import validate
+from jaxalign.models import ModelConfig, Transformer, from_hf_config
+from jaxalign.optim import make_optimizer
+from jaxalign.trainers.dpo import needs_reference_model
+from jaxalign.trainers.engine import abstract_params, model_config_for
+
+GIB = 2**30
+
+_LLAMA3_8B = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+_MISTRAL_7B = dict(
+    model_type="mistral",
+    architectures=["MistralForCausalLM"],
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    sliding_window=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_QWEN25_05B = dict(
+    model_type="qwen2",
+    architectures=["Qwen2ForCausalLM"],
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    use_sliding_window=False,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    hidden_act="silu",
+    tie_word_embeddings=True,
+    bos_token_id=151643,
+    eos_token_id=151643,
+)
+_GPT2_LARGE = dict(
+    model_type="gpt2",
+    architectures=["GPT2LMHeadModel"],
+    vocab_size=50257,
+    n_embd=1280,
+    n_layer=36,
+    n_head=20,
+    n_positions=1024,
+    activation_function="gelu_new",
+    layer_norm_epsilon=1e-5,
+    bos_token_id=50256,
+    eos_token_id=50256,
+)
+# The `config.json` fields (those `from_hf_config` reads) of the hub models the recipes name,
+# copied from the published files. Fine-tunes share their base model's architecture.
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
+    "meta-llama/Meta-Llama-3-8B-Instruct": {**_LLAMA3_8B, "eos_token_id": 128009},
+    "mistralai/Mistral-7B-v0.1": _MISTRAL_7B,
+    "alignment-handbook/zephyr-7b-sft-full": _MISTRAL_7B,  # Mistral-7B-v0.1 fine-tune
+    "Qwen/Qwen2.5-0.5B": _QWEN25_05B,
+    "Qwen/Qwen2.5-0.5B-Instruct": {**_QWEN25_05B, "eos_token_id": 151645},
+    "Qwen/Qwen2.5-7B": {
+        **_QWEN25_05B,
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
+    },
+    "gpt2-large": _GPT2_LARGE,
+    "openai-community/gpt2-large": _GPT2_LARGE,
+}
+
+
+class PlanError(ValueError):
+    """The plan cannot be made (unknown model, mesh that does not fit the config)."""
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def resolve_model_config(
+    model_cfg: ml_collections.ConfigDict, name_or_path: str, *, head: str = "lm"
+) -> tuple[ModelConfig, str]:
+    """`(ModelConfig, where it came from)` for a local HF dir, a known hub id, or random init."""
+    if not name_or_path or Path(name_or_path).expanduser().is_dir():
+        where = f"{name_or_path}/config.json" if name_or_path else "config.model.init"
+        return model_config_for(model_cfg, name_or_path=name_or_path, head=head), where
+    if name_or_path in PUBLISHED_CONFIGS:
+        config = from_hf_config(
+            PUBLISHED_CONFIGS[name_or_path],
+            dtype=model_cfg.dtype,
+            param_dtype=model_cfg.param_dtype,
+            remat_policy=model_cfg.remat_policy,
+            scan_layers=model_cfg.scan_layers,
+            attention_impl=model_cfg.attention_impl,
+        )
+        return config.replace(head=head), "published config (built in)"
+    raise PlanError(
+        f"{name_or_path!r} is neither a local checkpoint directory nor one of the built-in "
+        f"published configs ({', '.join(sorted(PUBLISHED_CONFIGS))}). Pass a directory holding "
+        "its config.json, or, before that checkpoint exists, a hub id of the same architecture."
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract(config: ModelConfig) -> Any:
+    # Shapes do not depend on the attention kernel; cudnn's cannot be traced without a GPU.
+    return abstract_params(Transformer(config.replace(attention_impl="xla")))
+
+
+def sharded_bytes(tree: Any, mesh: AbstractMesh, rules: Any) -> int:
+    """Per-device bytes of a boxed abstract pytree under the logical `rules` on `mesh`."""
+    shardings = shd.param_shardings(tree, mesh, rules)
+    sizes = jax.tree.map(
+        lambda leaf, s: math.prod(s.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize,
+        shd.unbox(tree),
+        shardings,
+    )
+    return int(sum(jax.tree.leaves(sizes)))
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def layer_activation_bytes(
+    config: ModelConfig, *, rows: int, seq_len: int, tensor: int
+) -> tuple[int, int]:
+    """`(working, kept)`: per-device bytes of one decoder layer for `rows` sequences of T tokens.
+
+    n = rows·T tokens, b = bytes of the compute dtype, t = tensor size, E/F/H/K/D as in the model,
+    S = rows·(H/t)·T² attention scores (xla attention; with cudnn only S/T softmax statistics):
+
+      working  = n·b·(8E + 4(H + K)·D/t + 8F/t) + 16·S
+                 the backward of one layer: its residuals plus their cotangents
+      kept, what each layer saves for the backward under `remat_policy`:
+        none           n·b·(4E + 2(H + K)·D/t + 7F/t) + 10·S
+        dots           n·b·(3E + (2H + 2K)·D/t + 2F/t) + 4·S     every matmul output
+        dots_no_batch  n·b·(3E + (H + 2K)·D/t + 2F/t)            projections, not attention
+        full           n·b·E                                     the layer input
+
+    The factors are fitted (rounded up) to `compiled.memory_analysis()` of the jitted SFT
+    value-and-grad of a small Llama-style model in float32 on CPU (per-layer slopes in L, T and
+    F); they are conservative for bfloat16 on GPU/TPU, which keeps some of these in 16 bits.
+    """
+    c = config
+    b = np.dtype(c.dtype).itemsize
+    n = rows * seq_len
+    e, f, d = c.hidden_size, c.intermediate_size / tensor, c.head_dim
+    h, k = c.num_heads / tensor, c.num_kv_heads / tensor
+    scores = rows * h * seq_len * (seq_len if c.attention_impl == "xla" else 1)
+    working = n * b * (8 * e + 4 * (h + k) * d + 8 * f) + 16 * scores
+    kept = {
+        "none": n * b * (4 * e + 2 * (h + k) * d + 7 * f) + 10 * scores,
+        "dots": n * b * (3 * e + (2 * h + 2 * k) * d + 2 * f) + 4 * scores,
+        "dots_no_batch": n * b * (3 * e + (h + 2 * k) * d + 2 * f),
+        "full": n * b * e,
+    }[c.remat_policy]
+    return int(working), int(kept)
+
+
+def activation_bytes(
+    config: ModelConfig, *, rows: int, seq_len: int, tensor: int, chunk_size: int
+) -> dict[str, int]:
+    """Per-device activation bytes of one forward + backward over `rows` sequences of `seq_len`.
+
+    kept       = L·kept_layer + rows·T² (bool attention mask) + 2·n·b·E (embeddings, final norm)
+    transient  = max(head, working_layer) + gather, where
+      working_layer  the backward of one layer (recomputed first unless remat_policy == none)
+      head       lm: rows·C·(V/t)·4·3 with C = logits_chunk_size or T (fp32 logits, softmax,
+                 their cotangent, one chunk at a time); scalar head: n·4
+      gather     2·max(one layer's params, V·E)·b/t: FSDP all-gathered weights of the unit in
+                 use and of the next one being prefetched
+    total      = kept + transient
+    """
+    c = config
+    b = np.dtype(c.dtype).itemsize
+    working, kept_layer = layer_activation_bytes(c, rows=rows, seq_len=seq_len, tensor=tensor)
+    n = rows * seq_len
+    chunk = min(chunk_size or seq_len, seq_len)
+    head = rows * chunk * (c.vocab_size / tensor) * 4 * 3 if c.head == "lm" else n * 4
+    layer_params = (c.num_params() - c.replace(num_layers=0).num_params()) / max(c.num_layers, 1)
+    gather = 2 * max(layer_params, c.vocab_size * c.hidden_size) * b / tensor
+    kept = c.num_layers * kept_layer + rows * seq_len**2 + 2 * n * b * c.hidden_size
+    transient = max(head, working) + gather
+    return {"kept": int(kept), "transient": int(transient), "total": int(kept + transient)}
+
+
+def kv_cache_bytes(config: ModelConfig, *, rows: int, seq_len: int) -> int:
+    """L·rows·S·K·D·2·b: the sampler's cache (sharded over the batch only, conservatively)."""
+    c = config
+    per_token = c.num_kv_heads * c.head_dim * 2 * np.dtype(c.dtype).itemsize
+    return int(c.num_layers * rows * seq_len * per_token)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _rows_per_device(examples: int, rows_per_example: int, data_parallel: int, key: str) -> int:
+    rows = examples * rows_per_example
+    if rows % data_parallel:
+        raise PlanError(f"config.{key}: {rows} rows do not split over data*fsdp={data_parallel}")
+    return rows // data_parallel
+
+
+def plan_memory(
+    config: ml_collections.ConfigDict, *, mesh_shape: dict[str, int], device_memory_bytes: int
+) -> dict[str, Any]:
+    """Bytes per device of training `config` on a mesh of `mesh_shape` (no devices needed).
+
+    Args:
+      config: a full config (`base_config()` + changes); validated for this mesh first.
+      mesh_shape: size of each axis of `config.mesh.axis_names` over all devices (multislice:
+        per-slice size × slices); axes left out are 1.
+      device_memory_bytes: memory of one device.
+
+    Returns:
+      A dict: `models` (role, source, params, bytes per device, trained), `param_count` (trained),
+      `bytes` (params, optimizer_state, gradients, frozen_models, activations), `activations`
+      (the estimate's parts), `rows_per_device`, `seq_len`, `total_bytes`, `fits`.
+    """
+    axis_names = tuple(config.mesh.axis_names)
+    unknown = set(mesh_shape) - set(axis_names)
+    if unknown:
+        raise PlanError(f"mesh axes {sorted(unknown)} are not in mesh.axis_names {axis_names}")
+    sizes = tuple(int(mesh_shape.get(name, 1)) for name in axis_names)
+    config = config.copy_and_resolve_references()
+    config.mesh.shape = sizes
+    config.mesh.dcn_shape = ()  # `mesh_shape` is the whole mesh, slices included
+    validate(config, num_devices=math.prod(sizes))
+    mesh = AbstractMesh(sizes, axis_names)
+    axes = dict(zip(axis_names, sizes, strict=True))
+    data_parallel, tensor = axes["data"] * axes["fsdp"], axes["tensor"]
+    rules, model_cfg, algorithm = config.mesh.logical_rules, config.model, config.algorithm
+    micro = config.train.batch_size // config.optimizer.grad_accum_steps
+    models: list[dict[str, Any]] = []
+
+    def add(role: str, name_or_path: str, *, head: str, trained: bool) -> ModelConfig:
+        model_config, source = resolve_model_config(model_cfg, name_or_path, head=head)
+        boxed = _abstract(model_config)
+        models.append(
+            dict(
+                role=role,
+                name_or_path=name_or_path or "(random init)",
+                source=source,
+                config=model_config,
+                boxed=boxed,
+                params=model_config.num_params(),
+                bytes=sharded_bytes(boxed, mesh, rules),
+                trained=trained,
+            )
+        )
+        return model_config
+
+    policy_head = "scalar" if algorithm == "reward" else "lm"
+    policy = add("policy", model_cfg.name_or_path, head=policy_head, trained=True)
+    chunk = config.model.logits_chunk_size
+    if algorithm == "ppo":
+        ppo = config.ppo
+        add(
+            "reference",
+            ppo.reference_name_or_path or model_cfg.name_or_path,
+            head="lm",
+            trained=False,
+        )
+        has_rm = not ppo.reward_model.startswith("judge:")
+        if has_rm:
+            add("reward model", ppo.reward_model, head="scalar", trained=False)
+        critic_source = ppo.reward_model if ppo.critic_init == "reward" else model_cfg.name_or_path
+        critic = add("critic", critic_source, head="scalar", trained=True)
+        seq_len = config.data.max_prompt_length + ppo.max_new_tokens
+        minibatch = config.train.batch_size // ppo.num_minibatches
+        if minibatch % config.optimizer.grad_accum_steps:
+            raise PlanError(
+                f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps} does not "
+                f"divide the PPO minibatch of {minibatch} rows"
+            )
+        rows = _rows_per_device(
+            minibatch // config.optimizer.grad_accum_steps, 1, data_parallel, "ppo.num_minibatches"
+        )
+        step = [
+            activation_bytes(m, rows=rows, seq_len=seq_len, tensor=tensor, chunk_size=chunk)
+            for m in (policy, critic)
+        ]
+        update = sum(a["kept"] for a in step) + max(a["transient"] for a in step)
+        rollout_rows = _rows_per_device(
+            config.train.batch_size, 1, data_parallel, "train.batch_size"
+        )
+        kv_cache = kv_cache_bytes(policy, rows=rollout_rows, seq_len=seq_len)
+        forward = activation_bytes(
+            policy, rows=rollout_rows, seq_len=seq_len, tensor=tensor, chunk_size=chunk
+        )["transient"]
+        detail = {
+            "update step (policy+critic)": update,
+            "rollout: KV cache": kv_cache,
+            "rollout: scoring forward": forward,
+        }
+        activations = max(update, kv_cache + forward)
+        total_steps = config.train.num_steps * ppo.num_epochs * ppo.num_minibatches
+    else:
+        if algorithm == "dpo" and needs_reference_model(config.dpo):
+            if not config.dpo.precompute_reference:
+                reference = config.dpo.reference_name_or_path or model_cfg.name_or_path
+                add("reference", reference, head="lm", trained=False)
+        seq_len = config.data.max_length
+        per_example = 1 if algorithm == "sft" else 2  # pairs: chosen and rejected rows
+        rows = _rows_per_device(micro, per_example, data_parallel, "train.batch_size")
+        step = activation_bytes(policy, rows=rows, seq_len=seq_len, tensor=tensor, chunk_size=chunk)
+        detail = {"kept across layers": step["kept"], "transient peak": step["transient"]}
+        activations = step["total"]
+        total_steps = config.train.num_steps
+
+    trained = [m for m in models if m["trained"]]
+    boxed = trained[0]["boxed"] if len(trained) == 1 else {m["role"]: m["boxed"] for m in trained}
+    tx, _ = make_optimizer(config.optimizer, total_steps=total_steps)
+    params_bytes = sum(m["bytes"] for m in trained)
+    grad_copies = 2 if config.optimizer.grad_accum_steps > 1 else 1
+    breakdown = {
+        "params": params_bytes,
+        "optimizer_state": sharded_bytes(jax.eval_shape(tx.init, boxed), mesh, rules),
+        "gradients": params_bytes * grad_copies,
+        "frozen_models": sum(m["bytes"] for m in models if not m["trained"]),
+        "activations": activations,
+    }
+    total = sum(breakdown.values())
+    for m in models:
+        del m["boxed"]
+    return {
+        "algorithm": algorithm,
+        "mesh": axes,
+        "num_devices": math.prod(sizes),
+        "models": models,
+        "param_count": sum(m["params"] for m in trained),
+        "rows_per_device": rows,
+        "seq_len": seq_len,
+        "grad_copies": grad_copies,
+        "bytes": breakdown,
+        "activations": detail,
+        "total_bytes": total,
+        "device_memory_bytes": int(device_memory_bytes),
+        "fits": total <= device_memory_bytes,
+    }
+
+
+def verdict_line(plan: dict[str, Any]) -> str:
+    total, budget = plan["total_bytes"] / GIB, plan["device_memory_bytes"] / GIB
+    word = "FITS" if plan["fits"] else "DOES NOT FIT"
+    return f"{word}: {total:.1f} GiB of {budget:.1f} GiB per device ({100 * total / budget:.0f}%)"
+
+
+def format_plan(plan: dict[str, Any], config: ml_collections.ConfigDict) -> str:
+    """The human-readable plan; its last line is `verdict_line`."""
+    mesh = " ".join(f"{k}={v}" for k, v in plan["mesh"].items())
+    m = config.model
+    lines = [
+        f"algorithm {plan['algorithm']} | mesh {mesh} ({plan['num_devices']} devices) | "
+        f"dtype {m.dtype}, params {m.param_dtype} | remat {m.remat_policy} | "
+        f"attention {m.attention_impl}",
+    ]
+    for model in plan["models"]:
+        c = model["config"]
+        lines.append(
+            f"  {model['role']:<13} {model['name_or_path']} [{model['source']}]: {c.model_type}, "
+            f"{model['params']:,} params, {model['bytes'] / GIB:.2f} GiB/device"
+            + ("" if model["trained"] else " (frozen)")
+        )
+    lines.append(
+        f"trained parameters: {plan['param_count']:,}; per device per microbatch: "
+        f"{plan['rows_per_device']} rows x {plan['seq_len']} tokens"
+    )
+    gradients = "gradients" + (" (x2: accumulation)" if plan["grad_copies"] == 2 else "")
+    labels = {
+        "params": "params",
+        "optimizer_state": f"optimizer state ({config.optimizer.name})",
+        "gradients": gradients,
+        "frozen_models": "frozen models",
+        "activations": "activations (estimate)",
+    }
+    lines.append(f"{'per device':<32}{'GiB':>9}")
+    for key, label in labels.items():
+        lines.append(f"  {label:<30}{plan['bytes'][key] / GIB:>9.2f}")
+        if key == "activations":
+            lines += [f"    {k:<28}{v / GIB:>9.2f}" for k, v in plan["activations"].items()]
+    lines.append(f"  {'total':<30}{plan['total_bytes'] / GIB:>9.2f}")
+    lines.append(verdict_line(plan))
+    return "\n".join(lines)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """`"data=1,fsdp=8,tensor=1"` -> `{"data": 1, "fsdp": 8, "tensor": 1}`."""
+    shape = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, size = part.partition("=")
+        if not sep or not size.strip().isdigit() or int(size) < 1:
+            raise PlanError(f"--mesh: {part!r} is not AXIS=SIZE with SIZE >= 1")
+        shape[name.strip()] = int(size)
+    return shape
+
+
+def main() -> None:
+    """The command line (module docstring); flags are defined here, not at import."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from jaxalign.config import resolve_mesh_shape
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "A configs/*.py file.", lock_config=True
+    )
+    devices_flag = flags.DEFINE_integer(
+        "devices", None, "Device count (default: product of --mesh)."
+    )
+    mesh_flag = flags.DEFINE_string("mesh", None, "AXIS=SIZE,... e.g. data=1,fsdp=8,tensor=1.")
+    memory_flag = flags.DEFINE_float("device-memory-gb", None, "Memory of one device in GiB.")
+    flags.mark_flags_as_required(["config", "device-memory-gb"])
+
+    def run(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        config = config_flag.value
+        if mesh_flag.value:
+            mesh_shape = parse_mesh(mesh_flag.value)
+            devices = devices_flag.value or math.prod(mesh_shape.values())
+        elif devices_flag.value:
+            devices = devices_flag.value
+            shape = resolve_mesh_shape(tuple(config.mesh.shape), devices)
+            mesh_shape = dict(zip(config.mesh.axis_names, shape, strict=True))
+        else:
+            raise app.UsageError("give --mesh, --devices, or both")
+        if math.prod(mesh_shape.values()) != devices:
+            raise app.UsageError(
+                f"--mesh={mesh_flag.value} covers {math.prod(mesh_shape.values())} devices, "
+                f"not --devices={devices}"
+            )
+        plan = plan_memory(
+            config, mesh_shape=mesh_shape, device_memory_bytes=int(memory_flag.value * GIB)
+        )
+        print(format_plan(plan, config), flush=True)
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()
