@@ -25,8 +25,8 @@ Refuses to start while a RUN of the same name is still alive on a worker.
 Required:
   --name NAME          TPU / queued-resource name.
   --zone ZONE          Its zone.
-  --config CONFIG      Config file (and argument), e.g. configs/dpo.py or
-                       configs/dpo.py:tiny, relative to the repository root.
+  --config CONFIG      Config file (and argument), e.g. configs/zephyr_dpo.py or
+                       configs/dpo_tiny.py:/data, relative to the repository root.
   --workdir DIR        Checkpoints and exports; use gs://BUCKET/PATH so they
                        outlive the VM. Training resumes from the latest
                        checkpoint found there.
