@@ -1,5 +1,6 @@
 """BatchIterator: seeded epoch order, exact resume, process-local slices."""
 
+import functools
 import itertools
 
 import numpy as np
@@ -80,3 +81,25 @@ def test_no_shuffle_no_drop_last_single_epoch():
     )
     assert [b["ids"].tolist() for b in iterator] == [[0, 1, 2], [3, 4, 5], [6]]
     np.testing.assert_array_equal(iterator.last_batch_indices, [6])
+
+
+def test_processes_pad_to_the_same_bucket_as_the_global_batch():
+    """Rows of one global batch straddling a bucket boundary: every process pads alike."""
+    from jaxalign.data.batching import Buckets, collate_sft
+
+    short = {"input_ids": np.arange(4, dtype=np.int32), "loss_mask": np.ones(4, np.float32)}
+    long = {"input_ids": np.arange(40, dtype=np.int32), "loss_mask": np.ones(40, np.float32)}
+    collate = functools.partial(collate_sft, buckets=Buckets((32, 64), max_length=64), pad_id=0)
+    shapes = set()
+    for process_index in range(2):
+        iterator = BatchIterator(
+            [short, long],
+            batch_size=2,
+            collate=collate,
+            seed=0,
+            shuffle=False,
+            process_index=process_index,
+            process_count=2,
+        )
+        shapes.add(next(iterator)["input_ids"].shape)
+    assert shapes == {(1, 64)}

@@ -115,7 +115,12 @@ class BatchIterator:
         ]
         self.position += 1
         self.last_batch_indices = local_rows
-        return self.collate([self.examples[i] for i in local_rows])
+        if self.process_count == 1:
+            return self.collate([self.examples[i] for i in local_rows])
+        # Collate the global batch so every process pads to the same bucket, then keep our rows.
+        global_batch = self.collate([self.examples[i] for i in global_rows])
+        start = self.process_index * per_process
+        return {name: value[start : start + per_process] for name, value in global_batch.items()}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
