@@ -77,7 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.ppo.train.log_every = 2
 
     c.dpo = _stage("dpo")
-    c.dpo.optimizer.learning_rate = 5e-4
+    c.dpo.optimizer.learning_rate = 1e-4
     c.dpo.train.batch_size = 32
     c.dpo.train.num_steps = 20 if quick else 120
     c.dpo_betas = (0.1,) if quick else (0.05, 0.1, 0.5)

@@ -103,6 +103,18 @@ def sample_and_score(
     return out
 
 
+def _examples(samples: dict[str, list], num_examples: int) -> list[dict[str, Any]]:
+    """The first response to each of the first `num_examples` distinct prompts."""
+    examples, seen = [], set()
+    for prompt, response, score in zip(
+        samples["prompts"], samples["responses"], samples["scores"], strict=True
+    ):
+        if prompt not in seen and len(examples) < num_examples:
+            seen.add(prompt)
+            examples.append({"prompt": prompt, "response": response, "score": score})
+    return examples
+
+
 def summarize(samples: dict[str, list], *, num_examples: int = 3) -> dict[str, Any]:
     reward, reward_se = mean_and_stderr(samples["scores"])
     kl, kl_se = mean_and_stderr(samples["kl"])
@@ -113,12 +125,7 @@ def summarize(samples: dict[str, list], *, num_examples: int = 3) -> dict[str, A
         "kl_se": kl_se,
         "response_length": float(np.mean(samples["length"])),
         "num_samples": len(samples["scores"]),
-        "examples": [
-            {"prompt": p, "response": r, "score": s}
-            for p, r, s in list(zip(samples["prompts"], samples["responses"], samples["scores"], strict=True))[
-                :num_examples
-            ]
-        ],
+        "examples": _examples(samples, num_examples),
     }
 
 
