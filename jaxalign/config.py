@@ -6,13 +6,14 @@ Config files in `configs/` start from `base_config()` and change values; they ne
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from typing import Any
 
 import ml_collections
 
-from jaxalign.models.config import REMAT_POLICIES, SUPPORTED_MODEL_TYPES
+from jaxalign.models.config import REMAT_POLICIES, SUPPORTED_MODEL_TYPES, ModelConfig
 
 ALGORITHMS = ("sft", "reward", "dpo", "ppo")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -170,6 +171,19 @@ def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> list[str]:
     return problems
 
 
+def _unknown_init_keys(init: Any) -> list[str]:
+    """`model.init` holds `ModelConfig` fields, less the run settings that `model.*` sets."""
+    run_settings = {"dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl", "head"}
+    fields = sorted({f.name for f in dataclasses.fields(ModelConfig)} - run_settings)
+    problems = []
+    for key in init.keys():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean 'model.init.{close[0]}'?)" if close else ""
+            problems.append(f"unknown config key 'model.init.{key}'{hint}")
+    return problems
+
+
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config.{key}: {message}")
@@ -201,9 +215,31 @@ def resolve_mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, .
     return tuple(shape)
 
 
+def mesh_axis_sizes(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Global size of each mesh axis: the per-slice `mesh.shape` times `mesh.dcn_shape`."""
+    dcn = tuple(mesh_config.dcn_shape) or (1,) * len(mesh_config.shape)
+    _check(
+        len(dcn) == len(mesh_config.shape) and all(s >= 1 for s in dcn),
+        "mesh.dcn_shape",
+        f"{dcn} must be () or positive sizes, one per mesh axis {tuple(mesh_config.axis_names)}",
+    )
+    _check(
+        num_devices % math.prod(dcn) == 0,
+        "mesh.dcn_shape",
+        f"{dcn} needs a multiple of {math.prod(dcn)} devices, got {num_devices}",
+    )
+    shape = resolve_mesh_shape(tuple(mesh_config.shape), num_devices // math.prod(dcn))
+    return {
+        name: ici * slices
+        for name, ici, slices in zip(mesh_config.axis_names, shape, dcn, strict=True)
+    }
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
     """Checks keys, types and values; raises `ConfigError` naming the first bad key."""
     problems = _unknown_keys(config, base_config())
+    if "model" in config and "init" in config.model:
+        problems += _unknown_init_keys(config.model.init)
     if problems:
         raise ConfigError("; ".join(problems))
     _check_choice(config, "algorithm", ALGORITHMS)
@@ -216,7 +252,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_choice(config, "optimizer.schedule", ("constant", "cosine", "linear"))
     if not config.model.name_or_path:
         _check_choice(config, "model.init.model_type", SUPPORTED_MODEL_TYPES)
-    for key in ("train.batch_size", "train.num_steps", "train.log_every", "data.max_length"):
+    for key in (
+        "train.batch_size",
+        "train.num_steps",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.max_consecutive_nonfinite",
+        "data.max_length",
+    ):
         section, name = key.split(".")
         value = config[section][name]
         _check(
@@ -224,6 +267,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         )
     _check(config.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
     _check(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1")
+    # Warmup counts optimizer updates: PPO makes num_epochs * num_minibatches per train step.
+    updates_per_step = 1
+    if config.algorithm == "ppo":
+        updates_per_step = config.ppo.num_epochs * config.ppo.num_minibatches
+    num_updates = config.train.num_steps * updates_per_step
+    _check(
+        0 <= config.optimizer.warmup_steps <= num_updates,
+        "optimizer.warmup_steps",
+        f"{config.optimizer.warmup_steps} must be in [0, {num_updates}], the optimizer updates "
+        f"of train.num_steps={config.train.num_steps}",
+    )
     _check(
         config.train.batch_size % config.optimizer.grad_accum_steps == 0,
         "train.batch_size",
@@ -246,8 +300,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         "must include 'data', 'fsdp' and 'tensor'",
     )
     if num_devices is not None:
-        shape = resolve_mesh_shape(tuple(config.mesh.shape), num_devices)
-        axes = dict(zip(config.mesh.axis_names, shape, strict=True))
+        axes = mesh_axis_sizes(config.mesh, num_devices)
+        shape = tuple(axes.values())
         data_parallel = axes["data"] * axes["fsdp"]
         micro_batch = config.train.batch_size // config.optimizer.grad_accum_steps
         _check(

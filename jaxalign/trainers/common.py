@@ -64,10 +64,9 @@ def eval_batches_fn(dataset: Any, config: ml_collections.ConfigDict):
 
 
 def _model_parallel(config: ml_collections.ConfigDict) -> int:
-    from jaxalign.config import resolve_mesh_shape
+    from jaxalign.config import mesh_axis_sizes
 
-    shape = resolve_mesh_shape(tuple(config.mesh.shape), jax.device_count())
-    axes = dict(zip(config.mesh.axis_names, shape, strict=True))
+    axes = mesh_axis_sizes(config.mesh, jax.device_count())
     return jax.device_count() // (axes["data"] * axes["fsdp"])
 
 

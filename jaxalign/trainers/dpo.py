@@ -102,7 +102,6 @@ def precompute_reference_logps(
 ) -> None:
     """Adds `reference_chosen_logps`/`reference_rejected_logps` to every example, in one pass."""
     logps_fn = jax.jit(lambda p, b: response_logps(model, p, b, chunk_size=chunk_size)[:2])
-    data_parallel = mesh.devices.size // mesh.shape["tensor"]
     iterator = BatchIterator(
         dataset.examples,
         batch_size=batch_size,
@@ -115,8 +114,9 @@ def precompute_reference_logps(
     for batch in iterator:
         indices = iterator.last_batch_indices
         rows = len(indices)
-        pad = (-rows) % data_parallel
-        if pad:  # repeat the last row so the batch splits over the mesh; extra rows are dropped
+        pad = batch_size - rows
+        if pad:  # a short last batch repeats its last row up to the full batch (dropped below):
+            # it splits over the mesh and reuses the full batch's compilation.
             batch = {
                 k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()
             }
@@ -158,7 +158,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
                         ref_params,
                         data,
                         mesh,
-                        batch_size=config.train.batch_size,
+                        # the step's microbatch: the most rows one forward is known to fit
+                        batch_size=config.train.batch_size // config.optimizer.grad_accum_steps,
                         chunk_size=chunk_size,
                     )
             ref_params = None  # training now holds one model

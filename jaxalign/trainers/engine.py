@@ -1,8 +1,9 @@
 """The pieces every trainer shares: mesh, models on the mesh, train state, the jitted step, the loop.
 
-A trainer supplies a *loss function* `(params, batch, frozen) -> (loss_sum, aux)` where `aux` is
-`{"denominator": n, "metrics": {name: sum}}`: sums are accumulated over microbatches and divided
-once, so accumulation and sharding never bias a mean (Tunix `WeightedMetric` style).
+A trainer supplies a *loss function* `(params, batch, frozen, rng) -> (loss_sum, aux)` where `aux`
+is `{"denominator": n, "metrics": {name: sum}}` (plus optional `"counts"`, logged as they are):
+sums are accumulated over microbatches and divided once, so accumulation and sharding never bias
+a mean (Tunix `WeightedMetric` style).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 Params = Any
 Batch = dict[str, jax.Array]
-LossFn = Callable[[Params, Batch, Any], tuple[jax.Array, dict[str, Any]]]
+LossFn = Callable[[Params, Batch, Any, jax.Array], tuple[jax.Array, dict[str, Any]]]
 
 
 @flax.struct.dataclass
@@ -59,10 +61,17 @@ class TrainState:
 # ----------------------------------------------------------------------------- mesh and models
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
-    shape = resolve_mesh_shape(tuple(mesh_config.shape), jax.device_count())
+def make_mesh(
+    mesh_config: ml_collections.ConfigDict, *, devices: list[jax.Device] | None = None
+) -> Mesh:
+    """The `config.mesh` mesh over `devices` (default: all of `jax.devices()`)."""
+    devices = jax.devices() if devices is None else list(devices)
     dcn = tuple(mesh_config.dcn_shape) or None
-    return shd.make_mesh(shape=shape, axis_names=tuple(mesh_config.axis_names), dcn_shape=dcn)
+    # With dcn_shape, mesh.shape is the per-slice (ICI) shape.
+    shape = resolve_mesh_shape(tuple(mesh_config.shape), len(devices) // math.prod(dcn or (1,)))
+    return shd.make_mesh(
+        shape=shape, axis_names=tuple(mesh_config.axis_names), devices=devices, dcn_shape=dcn
+    )
 
 
 def model_config_for(
@@ -161,7 +170,8 @@ def create_train_state(
     seed: int,
 ) -> tuple[TrainState, TrainState]:
     """Sharded `TrainState` and its matching pytree of shardings."""
-    boxed = abstract_params(model)
+    # `model` may also be a pytree of boxed abstract params (several models in one state, e.g. PPO).
+    boxed = abstract_params(model) if isinstance(model, Transformer) else model
     opt_shardings = shd.param_shardings(jax.eval_shape(tx.init, boxed), mesh, rules)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     replicated = shd.replicated(mesh)
@@ -230,7 +240,8 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
-            "learning_rate": schedule(state.step),
+            # Skipped steps do not advance the optimizer's count, so neither does its schedule.
+            "learning_rate": schedule(state.step - state.skipped_steps),
             "skipped_steps": new_state.skipped_steps,
             **{name: value / denominator for name, value in aux["metrics"].items()},
             **aux.get("counts", {}),
@@ -331,6 +342,7 @@ def run_training(
     last_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     stopped_early = None
+    evaluated_at = None
     window_tokens, window_start = 0, time.perf_counter()
     shapes_seen: set[tuple] = set()
 
@@ -361,17 +373,20 @@ def run_training(
                 )
                 writer.write(step, last_metrics)
                 window_tokens, window_start = 0, time.perf_counter()
-                if (
-                    int(jax.device_get(state.consecutive_nonfinite))
-                    >= train_cfg.max_consecutive_nonfinite
-                ):
-                    stopped_early = (
-                        f"{train_cfg.max_consecutive_nonfinite} consecutive non-finite steps"
-                    )
+            # Checked every step, not only at log steps: a run of bad steps shorter than
+            # log_every must still stop it (one scalar sync per step).
+            if (
+                int(jax.device_get(state.consecutive_nonfinite))
+                >= train_cfg.max_consecutive_nonfinite
+            ):
+                stopped_early = (
+                    f"{train_cfg.max_consecutive_nonfinite} consecutive non-finite steps"
+                )
             if eval_step is not None and eval_batches is not None and train_cfg.eval_every:
                 if step % train_cfg.eval_every == 0:
                     eval_metrics = evaluate(eval_step, state.params, frozen, eval_batches(), mesh)
                     writer.write(step, eval_metrics)
+                    evaluated_at = step
             if preemption.should_stop(step):
                 stopped_early = "preemption signal"
             if stopped_early:
@@ -379,7 +394,8 @@ def run_training(
                 logger.warning("stopping at step %d: %s", step, stopped_early)
                 break
             save(force=step == train_cfg.num_steps)
-        if not stopped_early and eval_step is not None and eval_batches is not None:
+        final_eval = not stopped_early and evaluated_at != step
+        if final_eval and eval_step is not None and eval_batches is not None:
             eval_metrics = evaluate(eval_step, state.params, frozen, eval_batches(), mesh)
             writer.write(step, eval_metrics)
     finally:

@@ -32,10 +32,34 @@ def response_logps(
     return summed[:num_pairs], summed[num_pairs:], lengths[:num_pairs], lengths[num_pairs:]
 
 
-def pair_rewards(model: Transformer, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Scalar-head scores at each sequence's last token: `(chosen_rewards [B], rejected_rewards [B])`."""
-    input_ids, attention_mask, positions, _ = concat_pairs(batch)
+def score_mask(
+    input_ids: jax.Array, attention_mask: jax.Array, pad_token_id: int | None
+) -> jax.Array:
+    """`[B, T]` tokens a sequence's score may be read at: real tokens that are not the pad id.
+
+    Hugging Face's `*ForSequenceClassification` scores the last token whose id is not
+    `pad_token_id`; when a tokenizer pads with EOS that is the token *before* the final EOS, so
+    reading the score there too keeps an exported reward model scoring as it was trained.
+    """
+    mask = attention_mask != 0
+    if pad_token_id is not None:
+        mask &= input_ids != pad_token_id
+    return mask
+
+
+def sequence_scores(
+    model: Transformer, params, input_ids: jax.Array, attention_mask: jax.Array, positions=None
+) -> jax.Array:
+    """Scalar-head score of each sequence `[B]`, read where Hugging Face reads it (`score_mask`)."""
     values = model.apply({"params": params}, input_ids, attention_mask, positions)
-    rewards = gather_last_token(values, attention_mask)
+    return gather_last_token(
+        values, score_mask(input_ids, attention_mask, model.config.pad_token_id)
+    )
+
+
+def pair_rewards(model: Transformer, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Scalar-head scores of each sequence: `(chosen_rewards [B], rejected_rewards [B])`."""
+    input_ids, attention_mask, positions, _ = concat_pairs(batch)
+    rewards = sequence_scores(model, params, input_ids, attention_mask, positions)
     num_pairs = batch["chosen_input_ids"].shape[0]
     return rewards[:num_pairs], rewards[num_pairs:]
