@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.judges import Judge, get_judge
-from jaxalign.models import Transformer, from_pretrained, gather_last_token, load_tokenizer
+from jaxalign.models import Transformer, from_pretrained, load_tokenizer
 from jaxalign.sampling import SamplingConfig, generate, left_pad, response_logprobs
+from jaxalign.trainers.pairwise import sequence_scores
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -93,8 +94,7 @@ def sample_and_score(
             rm, rm_params = reward_model
             full_ids = jnp.concatenate([ids, gen.tokens], axis=1)
             full_mask = jnp.concatenate([(mask != 0).astype(jnp.int32), gen.response_mask], axis=1)
-            values = rm.apply({"params": rm_params}, full_ids, full_mask)
-            scores = np.asarray(gather_last_token(values, full_mask))
+            scores = np.asarray(sequence_scores(rm, rm_params, full_ids, full_mask))
         out["prompts"] += chunk
         out["responses"] += responses
         out["scores"] += [float(s) for s in scores]

@@ -36,10 +36,11 @@ from jaxalign.data import build_prompt_dataset
 from jaxalign.judges import get_judge
 from jaxalign.losses import kl_penalty, ppo_policy_loss, ppo_value_loss
 from jaxalign.metrics import MetricWriter
-from jaxalign.models import Transformer, gather_last_token, sequence_token_logprobs
+from jaxalign.models import Transformer, sequence_token_logprobs
 from jaxalign.optim import make_optimizer
 from jaxalign.sampling import SamplingConfig, generate
 from jaxalign.trainers import common, engine
+from jaxalign.trainers.pairwise import sequence_scores
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ def score_rollout(
         "old_values": response_slice(values, prompt_len, offset=-1),
     }
     if reward_model is not None:
-        scores = reward_model.apply({"params": reward_params}, input_ids, attention_mask)
-        out["scores"] = gather_last_token(scores, attention_mask)
+        out["scores"] = sequence_scores(reward_model, reward_params, input_ids, attention_mask)
     return out
 
 
