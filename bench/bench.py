@@ -16,7 +16,7 @@ Reported per workload:
                  processed; SFT and the PPO update count B·(P + C); generate counts generated
                  tokens (B·N; EOS is disabled so every row runs the full N).
   step_s         mean seconds per timed step; step_s_min the fastest (less sensitive to a shared
-                 machine).
+                 machine); step_cpu_s the process CPU seconds per step (all threads).
   compile_s      lower + compile of the step (generate: first call minus one steady-state call).
   gflops_per_s   analytic FLOPs per step / step_s, with N = parameters that take part in matmuls
                  (all but the input embedding and norms), T the sequence length, R the rows run:
@@ -38,8 +38,9 @@ Reported per workload:
 
 `--compare-torch` (needs torch + transformers; TRL is used when importable) runs the same model size
 and batch with a hand-written PyTorch step (`LlamaForCausalLM`, AdamW, clip 1.0, reference forward
-under no_grad for DPO), TRL's `DPOTrainer` / `SFTTrainer` (timed between `on_step_end` callbacks,
-so data collation is included), and HF `generate` for the generate workload.
+under no_grad for DPO), TRL's `DPOTrainer` / `SFTTrainer` (fp32, no gradient checkpointing, timed
+between `on_step_end` callbacks, so data collation is included), and HF `generate` for the generate
+workload.
 """
 
 from __future__ import annotations
@@ -182,16 +183,20 @@ def device_peak_flops(dtype: str) -> float | None:
     return None
 
 
-def time_steps(run_step: Callable[[], Any], *, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of `steps` calls after `warmup` calls; every call is blocked on."""
+def time_steps(
+    run_step: Callable[[], Any], *, warmup: int, steps: int
+) -> tuple[list[float], float]:
+    """Wall seconds of each of `steps` calls after `warmup` calls (each blocked on), and the
+    process CPU seconds per call, which a shared machine inflates less than wall time."""
     for _ in range(warmup):
         jax.block_until_ready(run_step())
     times = []
+    cpu_start = time.process_time()
     for _ in range(steps):
         start = time.perf_counter()
         jax.block_until_ready(run_step())
         times.append(time.perf_counter() - start)
-    return times
+    return times, (time.process_time() - cpu_start) / steps
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -400,14 +405,14 @@ def bench_jax(workload: str, preset: Preset, *, warmup: int, steps: int, chunk_s
         flops = generate_flops(
             model_config, preset.gen_batch, preset.gen_prompt_len, preset.gen_new_tokens
         )
-        times = time_steps(run_step, warmup=max(warmup - 1, 0), steps=steps)
+        times, cpu_s = time_steps(run_step, warmup=max(warmup - 1, 0), steps=steps)
         compile_s = max(first_call_s - float(np.median(times)), 0.0)
         batch, seq = preset.gen_batch, preset.gen_prompt_len + preset.gen_new_tokens
     else:
         run_step, compile_s, tokens, flops, model_config = build_train_step(
             workload, preset, chunk_size
         )
-        times = time_steps(run_step, warmup=warmup, steps=steps)
+        times, cpu_s = time_steps(run_step, warmup=warmup, steps=steps)
         batch, seq = preset.batch, preset.prompt_len + preset.completion_len
     step_s = float(np.mean(times))
     return {
@@ -415,6 +420,7 @@ def bench_jax(workload: str, preset: Preset, *, warmup: int, steps: int, chunk_s
         "tokens_per_s": tokens / step_s,
         "step_s": step_s,
         "step_s_min": float(np.min(times)),
+        "step_cpu_s": cpu_s,
         "compile_s": compile_s,
         "tokens_per_step": tokens,
         "gflops_per_step": flops / 1e9,
@@ -454,15 +460,16 @@ def _hf_llama(preset: Preset):
     return transformers.LlamaForCausalLM(hf_config).float()
 
 
-def _torch_timed(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
+def _torch_timed(step: Callable[[], None], warmup: int, steps: int) -> tuple[list[float], float]:
     for _ in range(warmup):
         step()
     times = []
+    cpu_start = time.process_time()
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return times
+    return times, (time.process_time() - cpu_start) / steps
 
 
 def torch_train_step(workload: str, preset: Preset) -> Callable[[], None]:
@@ -552,6 +559,9 @@ def trl_train_times(workload: str, preset: Preset, warmup: int, steps: int) -> l
         logging_strategy="no",
         save_strategy="no",
         report_to="none",
+        # TRL defaults to bf16 autocast and gradient checkpointing; compare the same fp32 work.
+        bf16=False,
+        gradient_checkpointing=False,
         use_cpu=True,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -588,7 +598,7 @@ def trl_train_times(workload: str, preset: Preset, warmup: int, steps: int) -> l
             callbacks=[StepClock()],
         )
     trainer.train()
-    return list(np.diff(ends[warmup - 1 :])) if warmup else list(np.diff(ends))
+    return list(np.diff(ends[warmup - 1 :])) if warmup else list(np.diff(ends)), None
 
 
 def hf_generate_step(preset: Preset) -> Callable[[], None]:
@@ -628,7 +638,7 @@ def compare_torch(workload: str, preset: Preset, tokens: int, warmup: int, steps
         has_trl = True
     except ImportError:
         has_trl = False
-    runs: dict[str, Callable[[], list[float]]] = {}
+    runs: dict[str, Callable[[], tuple[list[float], float | None]]] = {}
     if workload in ("sft", "dpo"):
         runs[f"torch_{workload}"] = lambda: _torch_timed(
             torch_train_step(workload, preset), warmup, steps
@@ -642,12 +652,12 @@ def compare_torch(workload: str, preset: Preset, tokens: int, warmup: int, steps
         results["trl"] = "not installed (pip install trl==1.16.0)"
     for name, run in runs.items():
         try:
-            times = run()
+            times, cpu_s = run()
         except Exception as err:  # a baseline failing must not lose the jaxalign numbers
             results[name] = {"error": f"{type(err).__name__}: {err}"}
             continue
         step_s = float(np.mean(times))
-        results[name] = {"tokens_per_s": tokens / step_s, "step_s": step_s}
+        results[name] = {"tokens_per_s": tokens / step_s, "step_s": step_s, "step_cpu_s": cpu_s}
     return results
 
 
@@ -664,6 +674,7 @@ def _format_table(results: list[dict[str, Any]]) -> str:
         ("compile s", "compile_s", "{:.1f}"),
         ("step s", "step_s", "{:.4f}"),
         ("min s", "step_s_min", "{:.4f}"),
+        ("cpu s", "step_cpu_s", "{:.3f}"),
         ("tokens/s", "tokens_per_s", "{:,.0f}"),
         ("GFLOP/s", "gflops_per_s", "{:.1f}"),
         ("% mm peak", "fraction_of_peak", "{:.1%}"),
@@ -688,7 +699,8 @@ def _format_table(results: list[dict[str, Any]]) -> str:
                 ratio = result["tokens_per_s"] / baseline["tokens_per_s"]
                 lines.append(
                     f"{result['workload']:>8}: {name:<12} {baseline['tokens_per_s']:>9,.0f} tok/s "
-                    f"(step {baseline['step_s']:.4f} s); jaxalign / {name} = {ratio:.2f}x"
+                    f"(step {baseline['step_s']:.4f} s, cpu {baseline.get('step_cpu_s') or 0:.3f} s)"
+                    f"; jaxalign / {name} = {ratio:.2f}x"
                 )
             elif name != "torch_threads":
                 lines.append(f"{result['workload']:>8}: {name}: {baseline}")
