@@ -292,7 +292,9 @@ def bench_mesh(rows: int):
     """Every device on accelerators (batch split over data); one device on CPU, where XLA already
     uses every core and fake host devices would only split the same cores."""
     devices = jax.devices()
-    if devices[0].platform == "cpu" or rows % len(devices):
+    if (devices[0].platform == "cpu" and not os.environ.get("BENCH_ALL_CPU")) or rows % len(
+        devices
+    ):
         devices = devices[:1]
     return shd.make_mesh(shape=(-1, 1, 1), axis_names=("data", "fsdp", "tensor"), devices=devices)
 

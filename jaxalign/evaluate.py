@@ -45,7 +45,9 @@ def read_prompts(path: str | Path) -> list[str]:
         try:
             prompts.append(json.loads(line)["prompt"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{line_number}: expected a JSON object with 'prompt': {e}") from e
+            raise ValueError(
+                f"{path}:{line_number}: expected a JSON object with 'prompt': {e}"
+            ) from e
     return prompts
 
 

@@ -183,8 +183,18 @@ def _decode(
 
     cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
     segment_ids = (prompt_mask != 0).astype(jnp.int32)
-    logits, cache = model.apply(variables, prompt_ids.astype(jnp.int32), segment_ids, cache=cache)
-    token, logprob = sample(logits[:, -1], step_keys(0))
+    # Prefill: only the last position's logits are needed, so the LM head sees one row per prompt.
+    hidden, cache = model.apply(
+        variables, prompt_ids.astype(jnp.int32), segment_ids, cache=cache, return_hidden=True
+    )
+    output_embedding = model.apply(variables, method="output_embedding")
+    last_logits = jnp.einsum(
+        "be,ev->bv",
+        hidden[:, -1],
+        output_embedding.astype(hidden.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    token, logprob = sample(last_logits, step_keys(0))
 
     tokens = jnp.full((batch, max_new_tokens), knobs.pad_id, jnp.int32).at[:, 0].set(token)
     response_mask = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(1)
@@ -278,7 +288,13 @@ def response_logprobs(
         [(prompt_mask != 0).astype(jnp.int32), response_mask.astype(jnp.int32)], axis=1
     )
     logprobs, _ = sequence_token_logprobs(
-        model, params, input_ids, mask, temperature=temperature, chunk_size=chunk_size
+        model,
+        params,
+        input_ids,
+        mask,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=False,
     )
     return jnp.where(response_mask != 0, logprobs[:, -tokens.shape[1] :], 0.0)
 

@@ -20,7 +20,6 @@ from ml_collections import config_flags
 from jaxalign.config import validate
 from jaxalign.distributed import maybe_initialize
 
-
 TRAINERS = {
     "sft": "jaxalign.trainers.sft",
     "reward": "jaxalign.trainers.reward",
@@ -55,7 +54,9 @@ def main(argv: list[str]) -> None:
 
 def define_flags() -> None:
     """Command-line flags, defined only when this module is the program (no import side effects)."""
-    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to a configs/*.py file.", lock_config=True
+    )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
     flags.mark_flag_as_required("config")
 

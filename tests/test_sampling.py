@@ -215,3 +215,19 @@ def test_config_validation():
         SamplingConfig(max_new_tokens=4, top_p=0.0, eos_token_ids=(2,), pad_token_id=0)
     config = SamplingConfig(max_new_tokens=4, eos_token_ids=[2, 3], pad_token_id=0)
     assert config.eos_token_ids == (2, 3) and hash(config) == hash(dataclasses.replace(config))
+
+
+def test_scanned_layers_decode_like_unrolled(llama):
+    """`scan_layers` keeps a stacked `[L, ...]` cache, unrolled layers a tuple: same tokens."""
+    model, params = llama
+    scanned = type(model)(model.config.replace(scan_layers=True))
+    layer_names = sorted(k for k in params if k.startswith("layers_"))
+    scanned_params = {k: v for k, v in params.items() if k not in layer_names}
+    scanned_params["layers"] = jax.tree.map(
+        lambda *xs: jnp.stack(xs), *(params[k] for k in layer_names)
+    )
+    ids, mask = _prompts()
+    out = generate(model, params, ids, mask, rng=jax.random.key(3), config=SAMPLE)
+    out_scanned = generate(scanned, scanned_params, ids, mask, rng=jax.random.key(3), config=SAMPLE)
+    np.testing.assert_array_equal(out.tokens, out_scanned.tokens)
+    np.testing.assert_allclose(out.logprobs, out_scanned.logprobs, atol=1e-5)

@@ -7,6 +7,7 @@ training configs; this module only fills in the paths each stage produces and ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -69,13 +70,27 @@ def make_preferences(
     prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
     sampling = _sampling(tokenizer, demo.preferences.max_new_tokens)
     rng = jax.random.PRNGKey(demo.seed + 100)
-    first = sample_and_score(policy, params, params, tokenizer, prompts, rng=rng, sampling=sampling, judge=judge)
+    first = sample_and_score(
+        policy, params, params, tokenizer, prompts, rng=rng, sampling=sampling, judge=judge
+    )
     second = sample_and_score(
-        policy, params, params, tokenizer, prompts, rng=jax.random.fold_in(rng, 1), sampling=sampling, judge=judge
+        policy,
+        params,
+        params,
+        tokenizer,
+        prompts,
+        rng=jax.random.fold_in(rng, 1),
+        sampling=sampling,
+        judge=judge,
     )
     rows, ties = [], 0
     for prompt, a, sa, b, sb in zip(
-        prompts, first["responses"], first["scores"], second["responses"], second["scores"], strict=True
+        prompts,
+        first["responses"],
+        first["scores"],
+        second["responses"],
+        second["scores"],
+        strict=True,
     ):
         if abs(sa - sb) < demo.preferences.min_score_gap or a.strip() == b.strip():
             ties += 1
@@ -88,6 +103,16 @@ def make_preferences(
     _write_jsonl(train_file, rows[num_eval:])
     _write_jsonl(eval_file, rows[:num_eval])
     return train_file, eval_file, {"pairs": len(rows), "dropped_ties": ties, "eval_pairs": num_eval}
+
+
+@contextlib.contextmanager
+def _timed(name: str, stage_seconds: dict[str, float]):
+    """Adds the wall-clock seconds of the `with` block to `stage_seconds[name]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stage_seconds[name] = stage_seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def _run_stage(name: str, config: ml_collections.ConfigDict, workdir: Path, **paths: str):
@@ -113,7 +138,15 @@ def plot_frontier(results: dict[str, dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, r in results.items():
-        ax.errorbar(r["kl"], r["reward"], xerr=r["kl_se"], yerr=r["reward_se"], fmt="o", capsize=3, label=name)
+        ax.errorbar(
+            r["kl"],
+            r["reward"],
+            xerr=r["kl_se"],
+            yerr=r["reward_se"],
+            fmt="o",
+            capsize=3,
+            label=name,
+        )
     ax.set_xlabel("KL(π ‖ π_ref) per response (nats)")
     ax.set_ylabel("mean judge reward (VADER compound)")
     ax.set_title("Controlled sentiment: reward vs KL (held-out prompts)")
@@ -142,7 +175,9 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
     lines += ["", "![reward vs KL](reward_vs_kl.png)", "", "## Samples", ""]
     for name, r in summary["policies"].items():
         for example in r["examples"]:
-            lines.append(f"- **{name}** ({example['score']:+.2f}): {example['prompt']} _{example['response']}_")
+            lines.append(
+                f"- **{name}** ({example['score']:+.2f}): {example['prompt']} _{example['response']}_"
+            )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -150,83 +185,113 @@ def run_demo(demo: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "data"
+    stage_seconds: dict[str, float] = {}
     _banner("corpus and tokenizer")
-    paths = make_corpus(demo, data_dir)
+    with _timed("corpus", stage_seconds):
+        paths = make_corpus(demo, data_dir)
     tokenizer_dir = str(paths["tokenizer"])
 
-    sft = _run_stage(
-        "SFT (reference)", demo.sft, workdir / "sft", tokenizer=tokenizer_dir, data__train=str(paths["sft"])
-    )
+    with _timed("sft", stage_seconds):
+        sft = _run_stage(
+            "SFT (reference)",
+            demo.sft,
+            workdir / "sft",
+            tokenizer=tokenizer_dir,
+            data__train=str(paths["sft"]),
+        )
     sft_dir = sft.export_dir
     _banner("preference pairs sampled from SFT, labelled by the judge")
-    prefs_train, prefs_eval, pref_stats = make_preferences(demo, sft_dir, paths["prompts_train"], data_dir)
+    with _timed("preferences", stage_seconds):
+        prefs_train, prefs_eval, pref_stats = make_preferences(
+            demo, sft_dir, paths["prompts_train"], data_dir
+        )
     print(pref_stats, flush=True)
 
     policies: dict[str, Path] = {}
-    rm = _run_stage(
-        "reward model",
-        demo.reward,
-        workdir / "rm",
-        tokenizer=tokenizer_dir,
-        data__train=str(prefs_train),
-        data__eval=str(prefs_eval),
-        model__name_or_path=str(sft_dir),
-    )
+    with _timed("reward_model", stage_seconds):
+        rm = _run_stage(
+            "reward model",
+            demo.reward,
+            workdir / "rm",
+            tokenizer=tokenizer_dir,
+            data__train=str(prefs_train),
+            data__eval=str(prefs_eval),
+            model__name_or_path=str(sft_dir),
+        )
     rm_accuracy = rm.eval_metrics.get("eval/accuracy", float("nan"))
     print(f"reward model held-out accuracy: {rm_accuracy:.3f}", flush=True)
     ppo_common = dict(
-        tokenizer=tokenizer_dir, data__train=str(paths["prompts_train"]), model__name_or_path=str(sft_dir)
+        tokenizer=tokenizer_dir,
+        data__train=str(paths["prompts_train"]),
+        model__name_or_path=str(sft_dir),
     )
-    policies["PPO (reward model)"] = _run_stage(
-        "PPO with the reward model",
-        demo.ppo,
-        workdir / "ppo_rm",
-        ppo__reward_model=str(rm.export_dir),
-        ppo__critic_init="reward",
-        **ppo_common,
-    ).export_dir
-    policies["PPO-GT (judge)"] = _run_stage(
-        "PPO with the ground-truth judge",
-        demo.ppo,
-        workdir / "ppo_gt",
-        ppo__reward_model="judge:vader",
-        ppo__critic_init="policy",
-        **ppo_common,
-    ).export_dir
-    for beta in demo.dpo_betas:
-        policies[f"DPO β={beta}"] = _run_stage(
-            f"DPO β={beta}",
-            demo.dpo,
-            workdir / f"dpo_beta{beta}",
-            tokenizer=tokenizer_dir,
-            data__train=str(prefs_train),
-            model__name_or_path=str(sft_dir),
-            dpo__beta=beta,
+    with _timed("ppo_rm", stage_seconds):
+        policies["PPO (reward model)"] = _run_stage(
+            "PPO with the reward model",
+            demo.ppo,
+            workdir / "ppo_rm",
+            ppo__reward_model=str(rm.export_dir),
+            ppo__critic_init="reward",
+            **ppo_common,
         ).export_dir
+    with _timed("ppo_gt", stage_seconds):
+        policies["PPO-GT (judge)"] = _run_stage(
+            "PPO with the ground-truth judge",
+            demo.ppo,
+            workdir / "ppo_gt",
+            ppo__reward_model="judge:vader",
+            ppo__critic_init="policy",
+            **ppo_common,
+        ).export_dir
+    for beta in demo.dpo_betas:
+        with _timed("dpo", stage_seconds):
+            policies[f"DPO β={beta}"] = _run_stage(
+                f"DPO β={beta}",
+                demo.dpo,
+                workdir / f"dpo_beta{beta}",
+                tokenizer=tokenizer_dir,
+                data__train=str(prefs_train),
+                model__name_or_path=str(sft_dir),
+                dpo__beta=beta,
+            ).export_dir
 
     _banner("evaluation on held-out prompts")
+    eval_start = time.perf_counter()
     judge = get_judge("vader")
     tokenizer = load_tokenizer(sft_dir)
     model, ref_params = from_pretrained(sft_dir)
-    eval_prompts = [json.loads(line)["prompt"] for line in paths["prompts_eval"].read_text().splitlines()]
+    eval_prompts = [
+        json.loads(line)["prompt"] for line in paths["prompts_eval"].read_text().splitlines()
+    ]
     eval_prompts = [p for p in eval_prompts for _ in range(demo.eval.samples_per_prompt)]
     sampling = _sampling(tokenizer, demo.eval.max_new_tokens)
     results = {}
     for name, policy_dir in {"SFT": sft_dir, **policies}.items():
         _, params = from_pretrained(policy_dir)
         samples = sample_and_score(
-            model, params, ref_params, tokenizer, eval_prompts,
-            rng=jax.random.PRNGKey(demo.seed + 7), sampling=sampling, judge=judge,
+            model,
+            params,
+            ref_params,
+            tokenizer,
+            eval_prompts,
+            rng=jax.random.PRNGKey(demo.seed + 7),
+            sampling=sampling,
+            judge=judge,
         )
         results[name] = summarize(samples, num_examples=demo.eval.num_examples)
         r = results[name]
-        print(f"{name:>20}: reward {r['reward']:+.3f} ± {r['reward_se']:.3f}   KL {r['kl']:.2f} ± {r['kl_se']:.2f}", flush=True)
+        print(
+            f"{name:>20}: reward {r['reward']:+.3f} ± {r['reward_se']:.3f}   KL {r['kl']:.2f} ± {r['kl_se']:.2f}",
+            flush=True,
+        )
 
+    stage_seconds["evaluation"] = time.perf_counter() - eval_start
     summary = {
         "policies": results,
         "reward_model_accuracy": rm_accuracy,
         "preferences": pref_stats,
         "seconds": time.perf_counter() - start,
+        "stage_seconds": {name: round(seconds, 1) for name, seconds in stage_seconds.items()},
         "workdir": str(workdir),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -241,13 +306,17 @@ def main() -> None:
 
     default_config = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
     config_flag = config_flags.DEFINE_config_file("config", str(default_config), "Demo config.")
-    workdir_flag = flags.DEFINE_string("workdir", None, "Output directory (default runs/demo-<time>).")
+    workdir_flag = flags.DEFINE_string(
+        "workdir", None, "Output directory (default runs/demo-<time>)."
+    )
 
     def _main(argv):
         del argv
         logging.getLogger().setLevel(logging.WARNING)
         demo = config_flag.value
-        workdir = Path(workdir_flag.value or demo.workdir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+        workdir = Path(
+            workdir_flag.value or demo.workdir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         summary = run_demo(demo, workdir)
         print(
             f"\ndone in {summary['seconds']:.0f}s. summary: {workdir / 'summary.json'}; "

@@ -30,10 +30,15 @@ _INIT_STD = 0.02
 
 @flax.struct.dataclass
 class KVCache:
-    """Decode state: keys/values of every layer and the slots' segment ids and positions."""
+    """Decode state: keys/values of every layer and the slots' segment ids and positions.
 
-    keys: Array  # [L, B, S, K, D]
-    values: Array  # [L, B, S, K, D]
+    Keys and values are heads-major, the layout attention reads: with `scan_layers` one stacked
+    `[L, B, K, S, D]` array each (scanned over L), otherwise a tuple of L `[B, K, S, D]` arrays,
+    which a decode loop updates in place without slicing or restacking.
+    """
+
+    keys: Array | tuple[Array, ...]
+    values: Array | tuple[Array, ...]
     segment_ids: Array  # [B, S] int32, 0 = empty or padding
     positions: Array  # [B, S] int32
     index: Array  # [] int32, the next slot to write
@@ -41,11 +46,15 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     """An empty cache with room for `max_length` tokens (prompt + generated)."""
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
+    if config.scan_layers:
+        keys = values = jnp.zeros((config.num_layers, *shape), dtype)
+    else:
+        keys = values = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(
-        keys=jnp.zeros(shape, dtype),
-        values=jnp.zeros(shape, dtype),
+        keys=keys,
+        values=values,
         segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
         positions=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
@@ -123,14 +132,30 @@ def rope_inv_freq(config: ModelConfig) -> Array:
     return inv_freq
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotates `x [B, T, H, D]` by its positions `[B, T]` (rotate-half convention of HF)."""
+def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+    """`(cos, sin)`, each `[B, T, 1, D]`, for `apply_rope`; computed once per forward.
+
+    With angles a = position·θ_i (i < D/2): cos = [cos a, cos a] and sin = [−sin a, sin a], so that
+    rotating is `x·cos + swap_halves(x)·sin`.
+    """
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return (
+        jnp.concatenate([cos, cos], axis=-1)[:, :, None, :],
+        jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :],
+    )
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates `x [B, T, H, D]` (rotate-half convention of HF): `x·cos + swap_halves(x)·sin`.
+
+    The halves are swapped with a reverse over a size-2 axis rather than split + concatenate,
+    which XLA fuses into one elementwise loop.
+    """
+    *lead, dim = x.shape
+    x32 = x.astype(jnp.float32)
+    swapped = jnp.flip(x32.reshape(*lead, 2, dim // 2), axis=-2).reshape(x.shape)
+    return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
 def attention_mask_4d(
@@ -154,18 +179,20 @@ def attention_mask_4d(
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array:
     """softmax(q·kᵀ/√D + mask)·v with grouped kv heads; logits and softmax in fp32.
 
-    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, 1, T, S] -> [B, T, H, D].
+    q: [B, T, H, D]; k, v: [B, K, S, D] (heads-major, as the KV cache stores them);
+    mask: [B, 1, T, S] -> [B, T, H, D].
     """
     if impl == "cudnn":
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     batch, q_len, heads, dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(dim))
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(batch, q_len, heads, dim)
 
 
@@ -179,11 +206,14 @@ class Attention(nn.Module):
         self,
         x: Array,
         mask: Array,
-        positions: Array,
+        rope: tuple[Array, Array] | None,
         layer_cache: tuple[Array, Array] | None,
         cache_index: Array | None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
+        """`x` is `[B·T, E]` (the mask `[B, 1, T, S]` gives B and T); `layer_cache` is this
+        layer's `([B, K, S, D], [B, K, S, D])` keys and values, written at slot `cache_index`."""
         c = self.config
+        batch, q_len = mask.shape[0], mask.shape[2]
         dense = functools.partial(
             nn.DenseGeneral,
             axis=-1,
@@ -205,25 +235,25 @@ class Attention(nn.Module):
         v = dense((c.num_kv_heads, c.head_dim), kernel_init=kv_kernel, bias_init=kv_bias, name="v")(
             x
         )
+        q, k, v = (y.reshape(batch, q_len, *y.shape[1:]) for y in (q, k, v))
         if c.qk_norm:
             q = Norm(c, axis_name="head_dim", name="q_norm")(q)
             k = Norm(c, axis_name="head_dim", name="k_norm")(k)
-        if c.position_embedding == "rope":
-            inv_freq = rope_inv_freq(c)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, T, D]
         new_cache = None
         if layer_cache is not None:
-            cached_k, cached_v = layer_cache
-            k = jax.lax.dynamic_update_slice_in_dim(
-                cached_k, k.astype(cached_k.dtype), cache_index, 1
+            new_cache = tuple(
+                jax.lax.dynamic_update_slice_in_dim(
+                    cached, new.astype(cached.dtype), cache_index, 2
+                )
+                for cached, new in zip(layer_cache, (k, v), strict=True)
             )
-            v = jax.lax.dynamic_update_slice_in_dim(
-                cached_v, v.astype(cached_v.dtype), cache_index, 1
-            )
-            new_cache = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            k, v = (cached.astype(q.dtype) for cached in new_cache)
         out = dot_product_attention(q, k, v, mask, c.attention_impl)
+        out = out.reshape(batch * q_len, *out.shape[2:])
         out = nn.DenseGeneral(
             c.hidden_size,
             axis=(-2, -1),
@@ -276,12 +306,12 @@ class DecoderLayer(nn.Module):
         self,
         x: Array,
         mask: Array,
-        positions: Array,
+        rope: tuple[Array, Array] | None,
         layer_cache: tuple[Array, Array] | None,
         cache_index: Array | None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         attn_out, new_cache = Attention(self.config, name="attn")(
-            Norm(self.config, name="input_norm")(x), mask, positions, layer_cache, cache_index
+            Norm(self.config, name="input_norm")(x), mask, rope, layer_cache, cache_index
         )
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(Norm(self.config, name="post_attn_norm")(x))
@@ -390,6 +420,10 @@ class Transformer(nn.Module):
             x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
         if c.position_embedding == "learned":
             x = x + self.pos_embed(positions)
+        # The residual stream is [B·T, E]: XLA:CPU runs 2-D matmuls markedly faster than the same
+        # products on [B, T, E] operands, and on accelerators the reshape is free.
+        batch, seq_len = input_ids.shape
+        x = x.reshape(batch * seq_len, c.hidden_size)
 
         query_index = jnp.arange(input_ids.shape[1])
         if cache is None:
@@ -406,34 +440,34 @@ class Transformer(nn.Module):
         mask = attention_mask_4d(
             attention_mask, positions, query_index, kv_segments, kv_positions, c.sliding_window
         )
+        rope = None
+        if c.position_embedding == "rope":
+            rope = rope_tables(positions, rope_inv_freq(c))
 
-        layer_caches = None if cache is None else (cache.keys, cache.values)
         if c.scan_layers:
-            x, new_layer_caches = self.layers(x, mask, positions, layer_caches, cache_index)
+            layer_caches = None if cache is None else (cache.keys, cache.values)
+            x, new_layer_caches = self.layers(x, mask, rope, layer_caches, cache_index)
         else:
             new_keys, new_values = [], []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-                x, new_layer_cache = layer(x, mask, positions, layer_cache, cache_index)
+                x, new_layer_cache = layer(x, mask, rope, layer_cache, cache_index)
                 if new_layer_cache is not None:
                     new_keys.append(new_layer_cache[0])
                     new_values.append(new_layer_cache[1])
-            new_layer_caches = (
-                None if cache is None else (jnp.stack(new_keys), jnp.stack(new_values))
-            )
+            new_layer_caches = (tuple(new_keys), tuple(new_values))
         hidden = self.final_norm(x)
 
         if return_hidden:
-            out = hidden
+            out = hidden.reshape(batch, seq_len, -1)
         elif c.head == "scalar":
-            out = self.score(hidden.astype(jnp.float32))[..., 0]
+            out = self.score(hidden.astype(jnp.float32)).reshape(batch, seq_len)
         else:
-            out = jnp.einsum(
-                "bte,ev->btv",
+            out = jnp.dot(
                 hidden,
                 self.output_embedding().astype(hidden.dtype),
                 preferred_element_type=jnp.float32,
-            )
+            ).reshape(batch, seq_len, -1)
         if cache is None:
             return out
         new_cache = KVCache(

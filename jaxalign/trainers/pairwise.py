@@ -24,7 +24,13 @@ def response_logps(
     """Summed response log-probs and response lengths: `(chosen, rejected, chosen_len, rejected_len)`."""
     input_ids, attention_mask, positions, loss_mask = concat_pairs(batch)
     logprobs, _ = sequence_token_logprobs(
-        model, params, input_ids, attention_mask, positions, chunk_size=chunk_size
+        model,
+        params,
+        input_ids,
+        attention_mask,
+        positions,
+        chunk_size=chunk_size,
+        with_entropy=False,
     )
     summed = (logprobs * loss_mask).sum(-1)
     lengths = loss_mask.sum(-1)

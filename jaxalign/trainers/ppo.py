@@ -93,6 +93,7 @@ def score_rollout(
         attention_mask,
         temperature=temperature,
         chunk_size=chunk_size,
+        with_entropy=False,
     )
     values = critic.apply({"params": params["critic"]}, input_ids, attention_mask)
     out = {

@@ -28,6 +28,7 @@ def sft_loss_fn(model: Transformer, *, chunk_size: int | None):
             batch["attention_mask"],
             batch["positions"],
             chunk_size=chunk_size,
+            with_entropy=False,
         )
         mask = batch["loss_mask"]
         tokens = mask.sum()
