@@ -292,9 +292,7 @@ def bench_mesh(rows: int):
     """Every device on accelerators (batch split over data); one device on CPU, where XLA already
     uses every core and fake host devices would only split the same cores."""
     devices = jax.devices()
-    if (devices[0].platform == "cpu" and not os.environ.get("BENCH_ALL_CPU")) or rows % len(
-        devices
-    ):
+    if devices[0].platform == "cpu" or rows % len(devices):
         devices = devices[:1]
     return shd.make_mesh(shape=(-1, 1, 1), axis_names=("data", "fsdp", "tensor"), devices=devices)
 
@@ -745,6 +743,22 @@ def _workloads(text: str) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Sends stdout to stderr, at the file-descriptor level too: some libraries (TRL's progress
+    callback) write through handles taken before a plain `redirect_stdout` could swap them."""
+    sys.stdout.flush()
+    saved_fd = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+
+
 def bench_one(workload: str, args: argparse.Namespace, matmul_peak: float) -> dict[str, Any]:
     preset = PRESETS[args.preset].quick() if args.quick else PRESETS[args.preset]
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -766,7 +780,7 @@ def bench_one(workload: str, args: argparse.Namespace, matmul_peak: float) -> di
     )
     if args.compare_torch:
         # Trainers print their own summaries; keep stdout for our table / JSON line.
-        with contextlib.redirect_stdout(sys.stderr):
+        with _stdout_to_stderr():
             result["compare"] = compare_torch(
                 workload, preset, result["tokens_per_step"], warmup, steps
             )

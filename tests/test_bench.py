@@ -77,6 +77,17 @@ def test_sft_and_generate_in_one_process():
     assert gen["tokens_per_step"] == quick.gen_batch * quick.gen_new_tokens
 
 
+def test_compare_torch_keeps_stdout_to_the_json_line():
+    """Baselines (and TRL's own printing, when installed) must not break the one-line contract."""
+    pytest.importorskip("torch")
+    (result,) = run_bench(
+        "--workload", "sft", "--preset", "tiny", "--quick", "--json", "--compare-torch"
+    )
+    check_contract(result, "sft")
+    torch_sft = result["compare"]["torch_sft"]
+    assert torch_sft["tokens_per_s"] > 0 and torch_sft["step_s"] > 0
+
+
 def test_matmul_params_are_all_but_embedding_and_norms():
     config = ModelConfig(**tiny_model_init().to_dict())
     norms = (2 * config.num_layers + 1) * config.hidden_size
