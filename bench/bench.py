@@ -23,7 +23,9 @@ Reported per workload:
                    forward   F(R, T) = 2·N·R·T + 4·L·H·D·R·T²   (attention: QKᵀ and PV over the full
                              T×T that the einsum computes, masked entries included)
                    training  3·F (forward + backward, Kaplan et al. 2020 / PaLM appendix B)
-                   DPO       3·F(2B, P+C) + F(2B, P+C) for the reference forward
+                   DPO       3·F(B, P+2C) + F(B, P+2C) for the reference forward, one
+                             shared-prompt row per pair (`dpo.share_prompt`, the default);
+                             with --dpo-two-rows 3·F(2B, P+C) + F(2B, P+C)
                    PPO       3·F for the policy and for the critic (scalar head)
                    generate  2·N·B·P + 4·L·H·D·B·P·(P+N)  prefill into a P+N slot cache, then
                              (N − 1)·(2·N·B + 4·L·H·D·B·(P+N)) decode steps over the full cache.
@@ -65,6 +67,8 @@ import numpy as np
 
 from jaxalign import sharding as shd
 from jaxalign.config import base_config, tiny_model_init
+from jaxalign.data import collate_preference, collate_preference_shared
+from jaxalign.data.batching import Buckets
 from jaxalign.models import ModelConfig, Transformer
 from jaxalign.optim import make_optimizer
 from jaxalign.sampling import SamplingConfig, generate
@@ -245,20 +249,24 @@ def random_rows(rng: np.random.Generator, vocab: int, rows: int, seq: int) -> di
     }
 
 
-def pair_batch(preset: Preset, vocab: int) -> dict[str, np.ndarray]:
-    """Preference pairs sharing a prompt; loss_mask marks the completion tokens."""
+def pair_batch(preset: Preset, vocab: int, *, share_prompt: bool) -> dict[str, np.ndarray]:
+    """B preference pairs (P-token prompt, C-token chosen and rejected), collated by the library:
+    two `[B, P + C]` row sets, or with `share_prompt` one `[B, P + 2C]` row per pair."""
     rng = np.random.default_rng(0)
+    examples = [
+        {
+            "prompt_ids": rng.integers(2, vocab, preset.prompt_len, dtype=np.int32),
+            "chosen_ids": rng.integers(2, vocab, preset.completion_len, dtype=np.int32),
+            "rejected_ids": rng.integers(2, vocab, preset.completion_len, dtype=np.int32),
+        }
+        for _ in range(preset.batch)
+    ]
     seq = preset.prompt_len + preset.completion_len
-    prompt = rng.integers(2, vocab, (preset.batch, preset.prompt_len), dtype=np.int32)
-    loss_mask = np.zeros((preset.batch, seq), np.float32)
-    loss_mask[:, preset.prompt_len :] = 1.0
-    batch = {}
-    for side in ("chosen", "rejected"):
-        rows = random_rows(rng, vocab, preset.batch, seq)
-        rows["input_ids"][:, : preset.prompt_len] = prompt
-        rows["loss_mask"] = loss_mask
-        batch.update({f"{side}_{name}": value for name, value in rows.items()})
-    return batch
+    if share_prompt:
+        shared_seq = seq + preset.completion_len
+        buckets = Buckets((shared_seq,), max_length=shared_seq)
+        return collate_preference_shared(examples, buckets=buckets, pad_id=0)
+    return collate_preference(examples, buckets=Buckets((seq,), max_length=seq), pad_id=0)
 
 
 def sft_batch(preset: Preset, vocab: int) -> dict[str, np.ndarray]:
@@ -297,15 +305,19 @@ def bench_mesh(rows: int):
     return shd.make_mesh(shape=(-1, 1, 1), axis_names=("data", "fsdp", "tensor"), devices=devices)
 
 
-def build_train_step(workload: str, preset: Preset, chunk_size: int | None):
+def build_train_step(
+    workload: str, preset: Preset, chunk_size: int | None, *, dpo_two_rows: bool = False
+):
     """(run_step, compile_s, tokens per step, FLOPs per step, model config) for a train workload."""
     config = base_config()
+    config.dpo.share_prompt = not dpo_two_rows
     rules = config.mesh.logical_rules
     head = "scalar" if workload == "reward" else "lm"
     model_config = ModelConfig(**preset.model, head=head)
     model = Transformer(model_config)
     seq = preset.prompt_len + preset.completion_len
-    rows = preset.batch * (2 if workload in ("dpo", "reward") else 1)
+    share_prompt = workload == "dpo" and config.dpo.share_prompt
+    rows = preset.batch * (2 if workload in ("dpo", "reward") and not share_prompt else 1)
     mesh = bench_mesh(rows)
     tx, schedule = make_optimizer(config.optimizer, total_steps=10_000)
     dummy = jnp.zeros((1, 1), jnp.int32)
@@ -322,14 +334,15 @@ def build_train_step(workload: str, preset: Preset, chunk_size: int | None):
         loss_fn, batch = sft_loss_fn(model, chunk_size=chunk_size), sft_batch(preset, vocab)
         tokens, flops = preset.batch * seq, 3 * forward_flops(model_config, rows, seq)
     elif workload in ("dpo", "reward"):
-        batch = pair_batch(preset, vocab)
+        batch = pair_batch(preset, vocab, share_prompt=share_prompt)
         tokens = preset.batch * (preset.prompt_len + 2 * preset.completion_len)
-        flops = 3 * forward_flops(model_config, rows, seq)
+        row_len = batch["input_ids" if share_prompt else "chosen_input_ids"].shape[1]
+        flops = 3 * forward_flops(model_config, rows, row_len)
         if workload == "dpo":
             loss_fn = dpo_loss_fn(model, config.dpo, chunk_size=chunk_size)
             frozen = jax.tree.map(jnp.copy, params)  # the reference: the initial policy
             frozen_shardings = param_shardings
-            flops += forward_flops(model_config, rows, seq)
+            flops += forward_flops(model_config, rows, row_len)
         else:
             loss_fn = reward_loss_fn(model, margin=0.0, center_coef=0.0)
     elif workload == "ppo":
@@ -371,7 +384,15 @@ def build_train_step(workload: str, preset: Preset, chunk_size: int | None):
     return run_step, compile_s, tokens, flops, model_config
 
 
-def bench_jax(workload: str, preset: Preset, *, warmup: int, steps: int, chunk_size: int | None):
+def bench_jax(
+    workload: str,
+    preset: Preset,
+    *,
+    warmup: int,
+    steps: int,
+    chunk_size: int | None,
+    dpo_two_rows: bool = False,
+):
     """Times one jaxalign workload; returns the result fields (without the machine's peaks)."""
     if workload == "generate":
         model_config = ModelConfig(**preset.model)
@@ -410,7 +431,7 @@ def bench_jax(workload: str, preset: Preset, *, warmup: int, steps: int, chunk_s
         batch, seq = preset.gen_batch, preset.gen_prompt_len + preset.gen_new_tokens
     else:
         run_step, compile_s, tokens, flops, model_config = build_train_step(
-            workload, preset, chunk_size
+            workload, preset, chunk_size, dpo_two_rows=dpo_two_rows
         )
         times, cpu_s = time_steps(run_step, warmup=warmup, steps=steps)
         batch, seq = preset.batch, preset.prompt_len + preset.completion_len
@@ -430,6 +451,11 @@ def bench_jax(workload: str, preset: Preset, *, warmup: int, steps: int, chunk_s
         "seq": seq,
         "dtype": model_config.dtype,
         "peak_rss_mb": peak_rss_mb(),
+        **(
+            {"dpo_layout": "two-rows" if dpo_two_rows else "shared-prompt"}
+            if workload == "dpo"
+            else {}
+        ),
     }
 
 
@@ -719,6 +745,7 @@ def _run_all(args: argparse.Namespace) -> int:
             if getattr(args, flag) is not None:
                 command += [f"--{flag}", str(getattr(args, flag))]
         command += ["--quick"] * args.quick + ["--compare-torch"] * args.compare_torch
+        command += ["--dpo-two-rows"] * args.dpo_two_rows
         proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode:
             failed += 1
@@ -764,7 +791,12 @@ def bench_one(workload: str, args: argparse.Namespace, matmul_peak: float) -> di
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     steps = args.steps if args.steps is not None else (2 if args.quick else 20)
     result = bench_jax(
-        workload, preset, warmup=warmup, steps=steps, chunk_size=args.logits_chunk_size or None
+        workload,
+        preset,
+        warmup=warmup,
+        steps=steps,
+        chunk_size=args.logits_chunk_size or None,
+        dpo_two_rows=args.dpo_two_rows,
     )
     device_peak = device_peak_flops(result["dtype"])
     device = jax.devices()[0]
@@ -803,6 +835,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-torch", action="store_true", help="also time PyTorch / TRL")
     parser.add_argument(
         "--logits-chunk-size", type=int, default=0, help="model.logits_chunk_size (0: none)"
+    )
+    parser.add_argument(
+        "--dpo-two-rows",
+        action="store_true",
+        help="DPO with chosen and rejected as two rows (dpo.share_prompt=False)",
     )
     parser.add_argument("--matmul-peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

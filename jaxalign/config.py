@@ -126,6 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.simpo_gamma = 0.5
     c.dpo.reference_name_or_path = ""  # default: the policy's initial weights
     c.dpo.precompute_reference = False
+    # One `prompt + chosen + rejected` row per pair (the prompt run once) instead of two rows.
+    c.dpo.share_prompt = True
 
     c.ppo = ml_collections.ConfigDict()
     c.ppo.reward_model = ""  # HF dir of a scalar-head model, or "judge:<name>" for a Python judge

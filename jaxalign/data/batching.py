@@ -23,6 +23,15 @@ Preference batch (right padded, one T for chosen and rejected so they concatenat
   reference_chosen_logps, reference_rejected_logps                float32 [B]  (only if the
                                                                   dataset carries them)
 
+Shared-prompt preference batch (right padded; the prompt once per pair)::
+
+  input_ids, attention_mask, positions   int32   [B, T]  prompt + chosen + rejected; positions
+                                                         restart after the prompt for rejected
+  branch_ids                             int32   [B, T]  0 prompt (and padding), 1 chosen,
+                                                         2 rejected: rejected does not see chosen
+  chosen_loss_mask, rejected_loss_mask   float32 [B, T]  1 on that response's tokens
+  reference_chosen_logps, reference_rejected_logps  (as above, optional)
+
 Prompt batch (left padded, so generation appends on the right)::
 
   prompt_input_ids, prompt_attention_mask, prompt_positions       int32   [B, P]
@@ -189,6 +198,11 @@ def collate_preference(examples: Sequence[Example], *, buckets: Buckets, pad_id:
             [np.arange(len(r), dtype=np.int32) for r in ids], length, 0, np.int32
         )
         batch[f"{side}_loss_mask"] = _pad_right(masks, length, 0.0, np.float32)
+    _reference_logps(examples, batch)
+    return batch
+
+
+def _reference_logps(examples: Sequence[Example], batch: Batch) -> None:
     reference_keys = ("reference_chosen_logps", "reference_rejected_logps")
     with_reference = sum(reference_keys[0] in example for example in examples)
     if with_reference == len(examples):
@@ -196,6 +210,47 @@ def collate_preference(examples: Sequence[Example], *, buckets: Buckets, pad_id:
             batch[key] = np.asarray([example[key] for example in examples], np.float32)
     elif with_reference:
         raise ValueError("some examples carry reference log-probs and some do not")
+
+
+def collate_preference_shared(
+    examples: Sequence[Example], *, buckets: Buckets, pad_id: int
+) -> Batch:
+    """One `prompt + chosen + rejected` row per pair, right-padded: the prompt is run once.
+
+    Rejected tokens take positions P, P+1, ... as if they followed the prompt directly, and
+    `branch_ids` keeps them from attending to the chosen tokens, so every token sees exactly what
+    it sees in `collate_preference`'s two rows.
+    """
+    length = buckets.fit(
+        max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    )
+    ids, positions, branches, chosen_masks, rejected_masks = [], [], [], [], []
+    for example in examples:
+        prompt, chosen, rejected = (example[f"{k}_ids"] for k in ("prompt", "chosen", "rejected"))
+        n_prompt, n_chosen, n_rejected = len(prompt), len(chosen), len(rejected)
+        ids.append(np.concatenate([prompt, chosen, rejected]))
+        positions.append(
+            np.concatenate(
+                [np.arange(n_prompt + n_chosen), n_prompt + np.arange(n_rejected)]
+            ).astype(np.int32)
+        )
+        branches.append(np.repeat(np.int32([0, 1, 2]), [n_prompt, n_chosen, n_rejected]))
+        chosen_mask = np.repeat(np.float32([0, 1, 0]), [n_prompt, n_chosen, n_rejected])
+        rejected_mask = np.repeat(np.float32([0, 0, 1]), [n_prompt, n_chosen, n_rejected])
+        if n_prompt == 0:  # nothing predicts a response's first token
+            chosen_mask[0] = 0.0
+            rejected_mask[n_chosen] = 0.0
+        chosen_masks.append(chosen_mask)
+        rejected_masks.append(rejected_mask)
+    batch: Batch = {
+        "input_ids": _pad_right(ids, length, pad_id, np.int32),
+        "attention_mask": _pad_right([np.ones(len(r), np.int32) for r in ids], length, 0, np.int32),
+        "positions": _pad_right(positions, length, 0, np.int32),
+        "branch_ids": _pad_right(branches, length, 0, np.int32),
+        "chosen_loss_mask": _pad_right(chosen_masks, length, 0.0, np.float32),
+        "rejected_loss_mask": _pad_right(rejected_masks, length, 0.0, np.float32),
+    }
+    _reference_logps(examples, batch)
     return batch
 
 

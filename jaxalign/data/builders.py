@@ -18,6 +18,7 @@ from jaxalign.data.batching import (
     DEFAULT_BUCKETS,
     Buckets,
     collate_preference,
+    collate_preference_shared,
     collate_prompts,
     collate_sft,
     pack_examples,
@@ -117,8 +118,13 @@ def build_preference_dataset(
     split: str = "train",
     on_bad_row: OnBadRow = "error",
     buckets: Sequence[int] = DEFAULT_BUCKETS,
+    share_prompt: bool = False,
 ) -> TokenizedDataset:
-    """Preference pairs (string, chat-messages or Anthropic-HH rows) for DPO / reward models."""
+    """Preference pairs (string, chat-messages or Anthropic-HH rows) for DPO / reward models.
+
+    `share_prompt=True` collates each pair as one `prompt + chosen + rejected` row
+    (`collate_preference_shared`, up to `2 * max_length` tokens) instead of two rows.
+    """
     if not 0 < max_prompt_length < max_length:
         raise ValueError(
             f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})"
@@ -143,13 +149,16 @@ def build_preference_dataset(
             "(reference_chosen_logps/reference_rejected_logps); all or none must"
         )
     stats.log_summary("preference")
-    bucket_set = Buckets(buckets, max_length=max_length, name="preference")
+    if share_prompt:  # prompt + both responses: at most 2 * max_length - 1 tokens
+        bucket_set = Buckets(buckets, max_length=2 * max_length, name="preference (shared)")
+        collate = collate_preference_shared
+    else:
+        bucket_set = Buckets(buckets, max_length=max_length, name="preference")
+        collate = collate_preference
     return TokenizedDataset(
         examples=examples,
         stats={**stats.as_dict(), "examples": len(examples)},
-        collate=functools.partial(
-            collate_preference, buckets=bucket_set, pad_id=_pad_id(tokenizer)
-        ),
+        collate=functools.partial(collate, buckets=bucket_set, pad_id=_pad_id(tokenizer)),
         buckets=bucket_set,
     )
 

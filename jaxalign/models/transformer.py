@@ -165,12 +165,20 @@ def attention_mask_4d(
     kv_segments: Array,
     kv_positions: Array,
     sliding_window: int | None,
+    branch_ids: Array | None = None,
 ) -> Array:
-    """Boolean `[B, 1, T, S]`: causal by slot index, same segment, key not padding, in window."""
+    """Boolean `[B, 1, T, S]`: causal by slot index, same segment, key not padding, in window.
+
+    With `branch_ids [B, T]` (no cache, so S = T), a query sees keys of the shared trunk (branch 0)
+    and of its own branch only: `prompt | chosen | rejected` in one row, rejected not seeing chosen.
+    """
     kv_index = jnp.arange(kv_segments.shape[-1])
     causal = kv_index[None, :] <= q_index[:, None]  # [T, S]
     same_segment = q_segments[:, :, None] == kv_segments[:, None, :]
     mask = causal[None] & same_segment & (kv_segments[:, None, :] != 0)
+    if branch_ids is not None:
+        kv_branch = branch_ids[:, None, :]
+        mask &= (kv_branch == 0) | (kv_branch == branch_ids[:, :, None])
     if sliding_window is not None:
         mask &= (q_positions[:, :, None] - kv_positions[:, None, :]) < sliding_window
     return mask[:, None]
@@ -338,8 +346,11 @@ def _layer_class(config: ModelConfig) -> type[nn.Module]:
 class Transformer(nn.Module):
     """Decoder-only transformer with an LM head (`[B, T, V]` logits) or a scalar head (`[B, T]`).
 
-    `__call__(input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False)`:
+    `__call__(input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False,
+    branch_ids=None)`:
       - `attention_mask` `[B, T]` segment ids (0 = pad); default all ones.
+      - `branch_ids` `[B, T]`: 0 for a shared trunk, k > 0 for branch k, which attends to the trunk
+        and to itself only (a prompt shared by its chosen and rejected responses; no cache).
       - `positions` `[B, T]`; default `cumsum(mask) - 1` (continuing after the cache's tokens).
       - with `cache`, the tokens are written at `cache.index` and `(output, new_cache)` is returned.
       - `return_hidden=True` returns the final-norm hidden states `[B, T, E]` instead of the head's
@@ -404,8 +415,11 @@ class Transformer(nn.Module):
         positions: Array | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        branch_ids: Array | None = None,
     ) -> Array | tuple[Array, KVCache]:
         c = self.config
+        if branch_ids is not None and cache is not None:
+            raise ValueError("branch_ids (shared-prefix rows) cannot be combined with a KV cache")
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         attention_mask = attention_mask.astype(jnp.int32)
@@ -438,7 +452,13 @@ class Transformer(nn.Module):
                 cache.positions, positions, cache_index, 1
             )
         mask = attention_mask_4d(
-            attention_mask, positions, query_index, kv_segments, kv_positions, c.sliding_window
+            attention_mask,
+            positions,
+            query_index,
+            kv_segments,
+            kv_positions,
+            c.sliding_window,
+            branch_ids,
         )
         rope = None
         if c.position_embedding == "rope":

@@ -135,7 +135,9 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
     )
     tokenizer = engine.load_run_tokenizer(config, model)
     model = engine.with_special_tokens(model, tokenizer)
-    train_data, eval_data = preference_datasets(config, tokenizer)
+    train_data, eval_data = preference_datasets(
+        config, tokenizer, share_prompt=dpo_cfg.share_prompt
+    )
     chunk_size = config.model.logits_chunk_size or None
 
     ref_params = None

@@ -39,7 +39,11 @@ def reward_loss_fn(model: Transformer, *, margin: float, center_coef: float):
     return loss_fn
 
 
-def preference_datasets(config: ml_collections.ConfigDict, tokenizer):
+def preference_datasets(
+    config: ml_collections.ConfigDict, tokenizer, *, share_prompt: bool = False
+):
+    """Train and (optional) eval preference datasets; `share_prompt`: one row per pair."""
+
     def dataset(spec: str, split: str):
         return build_preference_dataset(
             common.data_source(spec),
@@ -49,6 +53,7 @@ def preference_datasets(config: ml_collections.ConfigDict, tokenizer):
             split=split,
             on_bad_row=config.data.on_bad_row,
             buckets=tuple(config.data.buckets),
+            share_prompt=share_prompt,
         )
 
     train_data = dataset(config.data.train, config.data.train_split)
@@ -58,6 +63,9 @@ def preference_datasets(config: ml_collections.ConfigDict, tokenizer):
 
 
 def pair_tokens(batch) -> int:
+    """Tokens the step runs: both rows of each pair, or one shared-prompt row."""
+    if "branch_ids" in batch:
+        return int((batch["attention_mask"] != 0).sum())
     return int(
         (batch["chosen_attention_mask"] != 0).sum() + (batch["rejected_attention_mask"] != 0).sum()
     )
