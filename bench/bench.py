@@ -515,7 +515,7 @@ def torch_train_step(workload: str, preset: Preset) -> Callable[[], None]:
 
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        pairs = pair_batch(preset, vocab)
+        pairs = pair_batch(preset, vocab, share_prompt=False)
         ids = torch.from_numpy(
             np.concatenate([pairs["chosen_input_ids"], pairs["rejected_input_ids"]])
         ).long()

@@ -61,6 +61,7 @@ def check_contract(result: dict, workload: str) -> None:
 def test_dpo_prints_one_json_line():
     (result,) = run_bench("--workload", "dpo", "--preset", "tiny", "--quick", "--json")
     check_contract(result, "dpo")
+    assert result["dpo_layout"] == "shared-prompt"
     quick = bench.PRESETS["tiny"].quick()
     # prompt + chosen + rejected, the prompt counted once
     assert result["tokens_per_step"] == quick.batch * (quick.prompt_len + 2 * quick.completion_len)
@@ -77,15 +78,16 @@ def test_sft_and_generate_in_one_process():
     assert gen["tokens_per_step"] == quick.gen_batch * quick.gen_new_tokens
 
 
-def test_compare_torch_keeps_stdout_to_the_json_line():
+@pytest.mark.parametrize("workload", ["sft", "dpo"])
+def test_compare_torch_keeps_stdout_to_the_json_line(workload):
     """Baselines (and TRL's own printing, when installed) must not break the one-line contract."""
     pytest.importorskip("torch")
     (result,) = run_bench(
-        "--workload", "sft", "--preset", "tiny", "--quick", "--json", "--compare-torch"
+        "--workload", workload, "--preset", "tiny", "--quick", "--json", "--compare-torch"
     )
-    check_contract(result, "sft")
-    torch_sft = result["compare"]["torch_sft"]
-    assert torch_sft["tokens_per_s"] > 0 and torch_sft["step_s"] > 0
+    check_contract(result, workload)
+    baseline = result["compare"][f"torch_{workload}"]
+    assert baseline["tokens_per_s"] > 0 and baseline["step_s"] > 0, baseline
 
 
 def test_matmul_params_are_all_but_embedding_and_norms():

@@ -150,7 +150,9 @@ def build_preference_dataset(
         )
     stats.log_summary("preference")
     if share_prompt:  # prompt + both responses: at most 2 * max_length - 1 tokens
-        bucket_set = Buckets(buckets, max_length=2 * max_length, name="preference (shared)")
+        # Shared rows vary more in length; 1.5x steps between the buckets bound the padding.
+        shared_buckets = {int(n * step) for n in buckets for step in (1, 1.5)}
+        bucket_set = Buckets(shared_buckets, max_length=2 * max_length, name="preference (shared)")
         collate = collate_preference_shared
     else:
         bucket_set = Buckets(buckets, max_length=max_length, name="preference")
