@@ -12,8 +12,9 @@ times `--steps` steps, each ended by `jax.block_until_ready`.
 
 Reported per workload:
   tokens_per_s   counted tokens / mean step time. DPO and reward count prompt + chosen + rejected
-                 (B·(P + 2C), the prompt once, as TRL reports it) although 2B rows of P + C are
-                 processed; SFT and the PPO update count B·(P + C); generate counts generated
+                 (B·(P + 2C), the prompt once, as TRL reports it): DPO processes exactly that
+                 (B shared-prompt rows; with --dpo-two-rows, and for reward, 2B rows of P + C);
+                 SFT and the PPO update count B·(P + C); generate counts generated
                  tokens (B·N; EOS is disabled so every row runs the full N).
   step_s         mean seconds per timed step; step_s_min the fastest (less sensitive to a shared
                  machine); step_cpu_s the process CPU seconds per step (all threads).
