@@ -107,12 +107,14 @@ def make_preferences(
 
 @contextlib.contextmanager
 def _timed(name: str, stage_seconds: dict[str, float]):
-    """Adds the wall-clock seconds of the `with` block to `stage_seconds[name]`."""
+    """Adds the wall-clock seconds of the `with` block to `stage_seconds[name]` and logs them."""
     start = time.perf_counter()
     try:
         yield
     finally:
-        stage_seconds[name] = stage_seconds.get(name, 0.0) + time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        stage_seconds[name] = stage_seconds.get(name, 0.0) + seconds
+        logger.info("%s done in %.0fs", name, seconds)
 
 
 def _run_stage(name: str, config: ml_collections.ConfigDict, workdir: Path, **paths: str):
@@ -124,10 +126,7 @@ def _run_stage(name: str, config: ml_collections.ConfigDict, workdir: Path, **pa
         else:
             config[section] = value
     _banner(f"{name}: {config.algorithm}, {config.train.num_steps} steps")
-    start = time.perf_counter()
-    result = run(config, workdir)
-    logger.info("%s done in %.0fs", name, time.perf_counter() - start)
-    return result
+    return run(config, workdir)
 
 
 def plot_frontier(results: dict[str, dict], path: Path) -> None:
@@ -179,6 +178,38 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
                 f"- **{name}** ({example['score']:+.2f}): {example['prompt']} _{example['response']}_"
             )
     path.write_text("\n".join(lines) + "\n")
+
+
+def evaluate_policies(
+    demo: ml_collections.ConfigDict, sft_dir: Path, policies: dict[str, Path], prompts_file: Path
+) -> dict[str, dict[str, Any]]:
+    """Judge reward and KL to the SFT reference of SFT and every policy, on held-out prompts."""
+    judge = get_judge("vader")
+    tokenizer = load_tokenizer(sft_dir)
+    model, ref_params = from_pretrained(sft_dir)
+    eval_prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
+    eval_prompts = [p for p in eval_prompts for _ in range(demo.eval.samples_per_prompt)]
+    sampling = _sampling(tokenizer, demo.eval.max_new_tokens)
+    results = {}
+    for name, policy_dir in {"SFT": sft_dir, **policies}.items():
+        _, params = from_pretrained(policy_dir)
+        samples = sample_and_score(
+            model,
+            params,
+            ref_params,
+            tokenizer,
+            eval_prompts,
+            rng=jax.random.PRNGKey(demo.seed + 7),
+            sampling=sampling,
+            judge=judge,
+        )
+        results[name] = summarize(samples, num_examples=demo.eval.num_examples)
+        r = results[name]
+        print(
+            f"{name:>20}: reward {r['reward']:+.3f} ± {r['reward_se']:.3f}   KL {r['kl']:.2f} ± {r['kl_se']:.2f}",
+            flush=True,
+        )
+    return results
 
 
 def run_demo(demo: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
@@ -256,36 +287,8 @@ def run_demo(demo: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
             ).export_dir
 
     _banner("evaluation on held-out prompts")
-    eval_start = time.perf_counter()
-    judge = get_judge("vader")
-    tokenizer = load_tokenizer(sft_dir)
-    model, ref_params = from_pretrained(sft_dir)
-    eval_prompts = [
-        json.loads(line)["prompt"] for line in paths["prompts_eval"].read_text().splitlines()
-    ]
-    eval_prompts = [p for p in eval_prompts for _ in range(demo.eval.samples_per_prompt)]
-    sampling = _sampling(tokenizer, demo.eval.max_new_tokens)
-    results = {}
-    for name, policy_dir in {"SFT": sft_dir, **policies}.items():
-        _, params = from_pretrained(policy_dir)
-        samples = sample_and_score(
-            model,
-            params,
-            ref_params,
-            tokenizer,
-            eval_prompts,
-            rng=jax.random.PRNGKey(demo.seed + 7),
-            sampling=sampling,
-            judge=judge,
-        )
-        results[name] = summarize(samples, num_examples=demo.eval.num_examples)
-        r = results[name]
-        print(
-            f"{name:>20}: reward {r['reward']:+.3f} ± {r['reward_se']:.3f}   KL {r['kl']:.2f} ± {r['kl_se']:.2f}",
-            flush=True,
-        )
-
-    stage_seconds["evaluation"] = time.perf_counter() - eval_start
+    with _timed("evaluation", stage_seconds):
+        results = evaluate_policies(demo, sft_dir, policies, paths["prompts_eval"])
     summary = {
         "policies": results,
         "reward_model_accuracy": rm_accuracy,

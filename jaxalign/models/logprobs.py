@@ -81,15 +81,22 @@ def sequence_token_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_entropy: bool = True,
+    branch_ids: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """Log-prob of each input token given the tokens before it, aligned with `input_ids`.
 
     Returns `(logprobs [B, T], entropy [B, T])` where `logprobs[:, t] = log π(x_t | x_<t)` and
     column 0 is 0 (nothing predicts the first token). Multiply by a response mask and sum to get
     sequence log-probs. `entropy` is None when `with_entropy=False`.
+
+    With `branch_ids` (a trunk of 0s at the start of each row, then branches 1, 2, ...; see
+    `Transformer`), x_<t means the tokens x_t attends to: the first token of a branch that follows
+    another branch is predicted from the trunk's last token (one extra `[B, V]` logit row).
     """
     variables = {"params": params}
-    hidden = model.apply(variables, input_ids, attention_mask, positions, return_hidden=True)
+    hidden = model.apply(
+        variables, input_ids, attention_mask, positions, return_hidden=True, branch_ids=branch_ids
+    )
     output_embedding = model.apply(variables, method="output_embedding")
     logprobs, entropy = token_logprobs_from_hidden(
         hidden[:, :-1],
@@ -100,4 +107,23 @@ def sequence_token_logprobs(
         with_entropy=with_entropy,
     )
     pad = ((0, 0), (1, 0))
-    return jnp.pad(logprobs, pad), None if entropy is None else jnp.pad(entropy, pad)
+    logprobs = jnp.pad(logprobs, pad)
+    entropy = None if entropy is None else jnp.pad(entropy, pad)
+    if branch_ids is None:
+        return logprobs, entropy
+    previous = jnp.pad(branch_ids[:, :-1], pad)
+    follows_trunk = (branch_ids != 0) & (previous != 0) & (branch_ids != previous)  # [B, T]
+    trunk_len = ((branch_ids == 0) & (attention_mask != 0)).sum(-1)
+    last_trunk = jnp.maximum(trunk_len - 1, 0)
+    # One branch start per row is rerouted (the layouts here have two branches).
+    rerouted, rerouted_entropy = token_logprobs_from_hidden(
+        jnp.take_along_axis(hidden, last_trunk[:, None, None], axis=1),
+        output_embedding,
+        (input_ids * follows_trunk).sum(-1, keepdims=True),
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+    logprobs = jnp.where(follows_trunk, rerouted, logprobs)
+    if entropy is not None:
+        entropy = jnp.where(follows_trunk, rerouted_entropy, entropy)
+    return logprobs, entropy

@@ -5,12 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models import (
-    Transformer,
-    gather_last_token,
-    sequence_token_logprobs,
-    token_logprobs_from_hidden,
-)
+from jaxalign.models import Transformer, gather_last_token, sequence_token_logprobs
 
 Batch = dict[str, jax.Array]
 
@@ -52,42 +47,18 @@ def response_logps(
 def shared_prompt_response_logps(
     model: Transformer, params, batch: Batch, *, chunk_size: int | None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """`response_logps` of `prompt + chosen + rejected` rows.
-
-    Token t is predicted from the hidden state at t-1, except the first rejected token, which
-    follows the prompt: its log-prob is read from the last prompt token's hidden state (one extra
-    `[B, V]` logit row).
-    """
-    input_ids, branch_ids = batch["input_ids"], batch["branch_ids"]
-    variables = {"params": params}
-    hidden = model.apply(
-        variables,
-        input_ids,
+    """`response_logps` of `prompt + chosen + rejected` rows (`branch_ids`: the first rejected
+    token is predicted from the prompt, not from the chosen response before it)."""
+    logprobs, _ = sequence_token_logprobs(
+        model,
+        params,
+        batch["input_ids"],
         batch["attention_mask"],
         batch["positions"],
-        return_hidden=True,
-        branch_ids=branch_ids,
-    )
-    output_embedding = model.apply(variables, method="output_embedding")
-    logprobs, _ = token_logprobs_from_hidden(
-        hidden[:, :-1],
-        output_embedding,
-        input_ids[:, 1:],
         chunk_size=chunk_size,
         with_entropy=False,
+        branch_ids=batch["branch_ids"],
     )
-    logprobs = jnp.pad(logprobs, ((0, 0), (1, 0)))  # aligned with input_ids
-    is_rejected = branch_ids == 2
-    first_rejected = is_rejected & ~jnp.pad(is_rejected[:, :-1], ((0, 0), (1, 0)))
-    prompt_len = ((branch_ids == 0) & (batch["attention_mask"] != 0)).sum(-1)
-    last_prompt = jnp.maximum(prompt_len - 1, 0)
-    first_logprob, _ = token_logprobs_from_hidden(
-        jnp.take_along_axis(hidden, last_prompt[:, None, None], axis=1),
-        output_embedding,
-        (input_ids * first_rejected).sum(-1, keepdims=True),
-        with_entropy=False,
-    )
-    logprobs = jnp.where(first_rejected, first_logprob, logprobs)
     chosen_mask, rejected_mask = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
     return (
         (logprobs * chosen_mask).sum(-1),
