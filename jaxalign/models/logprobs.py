@@ -94,8 +94,9 @@ def sequence_token_logprobs(
     another branch is predicted from the trunk's last token (one extra `[B, V]` logit row).
     """
     variables = {"params": params}
+    branch_kwargs = {} if branch_ids is None else {"branch_ids": branch_ids}
     hidden = model.apply(
-        variables, input_ids, attention_mask, positions, return_hidden=True, branch_ids=branch_ids
+        variables, input_ids, attention_mask, positions, return_hidden=True, **branch_kwargs
     )
     output_embedding = model.apply(variables, method="output_embedding")
     logprobs, entropy = token_logprobs_from_hidden(
