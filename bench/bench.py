@@ -73,7 +73,7 @@ from jaxalign.data.batching import Buckets
 from jaxalign.models import ModelConfig, Transformer
 from jaxalign.optim import make_optimizer
 from jaxalign.sampling import SamplingConfig, generate
-from jaxalign.trainers import engine
+from jaxalign.trainers import engine, setup
 from jaxalign.trainers.dpo import dpo_loss_fn
 from jaxalign.trainers.ppo import ppo_loss_fn
 from jaxalign.trainers.reward import reward_loss_fn
@@ -351,7 +351,7 @@ def build_train_step(
         critic_params, critic_shardings = init(critic, 1)
         params = {"policy": params, "critic": critic_params}
         param_shardings = {"policy": param_shardings, "critic": critic_shardings}
-        boxed = {"policy": engine.abstract_params(model), "critic": engine.abstract_params(critic)}
+        boxed = {"policy": setup.abstract_params(model), "critic": setup.abstract_params(critic)}
         loss_fn = ppo_loss_fn(
             model,
             critic,

@@ -41,7 +41,7 @@ from jaxalign.config import validate
 from jaxalign.models import ModelConfig, Transformer, from_hf_config
 from jaxalign.optim import make_optimizer
 from jaxalign.trainers.dpo import needs_reference_model
-from jaxalign.trainers.engine import abstract_params, model_config_for
+from jaxalign.trainers.setup import abstract_params, model_config_for
 
 GIB = 2**30
 

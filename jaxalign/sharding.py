@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax.core import meta
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MeshAxes = str | tuple[str, ...] | None
@@ -315,6 +315,27 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
         name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for name, value in local_batch.items()
     }
+
+
+def local_rows(tree: Any, mesh: Mesh) -> Any:
+    """This process's rows of batch-sharded global arrays, as host NumPy (`shard_batch`'s inverse).
+
+    `jax.device_get` of a global array fails on multi-host (not every shard is addressable); this
+    returns exactly the rows this process passed to `shard_batch`, in order.
+    """
+    spec = batch_sharding(mesh).spec
+    return jax.tree.map(
+        lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec)),
+        tree,
+    )
+
+
+def global_from_local(tree: Any, mesh: Mesh) -> Any:
+    """Global batch-sharded arrays from this process's host rows (e.g. host-computed scores)."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+    )
 
 
 def init_sharded(

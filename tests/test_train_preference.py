@@ -30,7 +30,7 @@ from jaxalign.data.batching import Buckets, collate_preference
 from jaxalign.demo.data import write_tiny_data
 from jaxalign.models import Transformer, default_positions, from_pretrained, load_tokenizer
 from jaxalign.train import run
-from jaxalign.trainers import dpo, engine
+from jaxalign.trainers import dpo, engine, setup
 from jaxalign.trainers.dpo import precompute_reference_logps
 from jaxalign.trainers.pairwise import pair_rewards, response_logps
 
@@ -455,7 +455,7 @@ def test_reward_export_loads_in_transformers_and_scores_alike(reward_run, data_d
         buckets=(96,),
     )
     batch = dataset.collate(dataset.examples[:8])  # right-padded with the tokenizer's pad id
-    model = Transformer(engine.model_config_for(config.model, head="scalar"))
+    model = Transformer(setup.model_config_for(config.model, head="scalar"))
     rewards = jax.jit(lambda p, b: pair_rewards(model, p, b))(result.state.params, batch)
     for side, ours in zip(("chosen", "rejected"), rewards, strict=True):
         with torch.no_grad():

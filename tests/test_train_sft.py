@@ -24,7 +24,7 @@ from jaxalign.data import build_sft_dataset
 from jaxalign.models import Transformer, load_tokenizer
 from jaxalign.optim import make_optimizer
 from jaxalign.train import run
-from jaxalign.trainers import common, engine, sft
+from jaxalign.trainers import common, engine, setup, sft
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,13 +244,13 @@ def sharded_sft_steps(mesh_shape, *, devices=None, initial_params=None, num_step
     config.optimizer.b1 = 0.9
     config.optimizer.learning_rate = 0.5
     config.optimizer.schedule = "constant"
-    mesh = engine.make_mesh(config.mesh, devices=devices)
+    mesh = setup.make_mesh(config.mesh, devices=devices)
     rules = config.mesh.logical_rules
     if initial_params is None:
-        model, params, param_shardings = engine.load_model(config.model, mesh, rules, seed=0)
+        model, params, param_shardings = setup.load_model(config.model, mesh, rules, seed=0)
     else:
-        model = Transformer(engine.model_config_for(config.model))
-        param_shardings = shd.param_shardings(engine.abstract_params(model), mesh, rules)
+        model = Transformer(setup.model_config_for(config.model))
+        param_shardings = shd.param_shardings(setup.abstract_params(model), mesh, rules)
         params = jax.device_put(initial_params, param_shardings)
     initial_params = host_tree(params)  # the train step donates its input
     tx, schedule = make_optimizer(config.optimizer, total_steps=num_steps)
@@ -414,7 +414,7 @@ def test_consecutive_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path):
     config.train.num_steps = 50
     config.train.log_every = 10  # the stop must not wait for a log step
     config.train.max_consecutive_nonfinite = 3
-    mesh = engine.make_mesh(config.mesh)
+    mesh = setup.make_mesh(config.mesh)
     state, step = toy_state_and_step()
     state_shardings = jax.tree.map(lambda _: shd.replicated(mesh), state)
     state = jax.device_put(state, state_shardings)
@@ -529,7 +529,7 @@ def sft_eval_datasets(tokenizer, tiny_data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_model():
     """(model, params, jitted SFT loss fn) of the default random-init tiny model."""
-    model = Transformer(engine.model_config_for(base_config().model))
+    model = Transformer(setup.model_config_for(base_config().model))
     init = jax.jit(lambda rng: shd.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
     return model, init(jax.random.PRNGKey(0)), jax.jit(sft.sft_loss_fn(model, chunk_size=None))
 

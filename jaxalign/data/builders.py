@@ -44,6 +44,9 @@ class TokenizedDataset:
       collate: list of examples -> fixed-shape numpy batch (contract in `jaxalign.data.batching`).
       buckets: the padded lengths batches can take (`buckets.lengths`), one compilation each.
       texts: prompt datasets only: the rendered prompt text of each example, by index.
+      rows: prompt datasets only: each example's row as read, with `prompt` as given (a string or
+        a message list; for `messages` rows, the turns before the trailing assistant reply) and
+        every other column, e.g. an `answer` that reward functions check against.
     """
 
     examples: list[dict[str, Any]]
@@ -51,6 +54,7 @@ class TokenizedDataset:
     collate: Callable[[Sequence[dict[str, Any]]], dict[str, np.ndarray]]
     buckets: Buckets
     texts: list[str] | None = None
+    rows: list[dict[str, Any]] | None = None
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -179,7 +183,7 @@ def build_prompt_dataset(
     `texts[i]` is the rendered prompt of `examples[i]` (untruncated)."""
     stats = RowStats(on_bad_row)
 
-    def tokenize_row(row: dict[str, Any], where: str) -> tuple[dict[str, np.ndarray], str]:
+    def tokenize_row(row: dict[str, Any], where: str) -> tuple[dict[str, np.ndarray], str, dict]:
         text = render_prompt(row, tokenizer, where=where)
         example = tokenize_prompt(
             {"prompt": text},
@@ -188,15 +192,27 @@ def build_prompt_dataset(
             where=where,
             stats=stats,
         )
-        return example, text
+        return example, text, _prompt_row(row)
 
     pairs = _tokenize_all(source, split, stats, tokenize_row)
     stats.log_summary("prompt")
     bucket_set = Buckets(buckets, max_length=max_prompt_length, name="prompt")
     return TokenizedDataset(
-        examples=[example for example, _ in pairs],
+        examples=[example for example, _, _ in pairs],
         stats={**stats.as_dict(), "examples": len(pairs)},
         collate=functools.partial(collate_prompts, buckets=bucket_set, pad_id=_pad_id(tokenizer)),
         buckets=bucket_set,
-        texts=[text for _, text in pairs],
+        texts=[text for _, text, _ in pairs],
+        rows=[row for _, _, row in pairs],
     )
+
+
+def _prompt_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with `prompt` as given; a `messages` row's prompt is its turns before the reply."""
+    row = dict(row)
+    if row.get("prompt") is None and row.get("messages") is not None:
+        messages = list(row.pop("messages"))
+        while messages and messages[-1].get("role") == "assistant":
+            messages.pop()
+        row["prompt"] = messages
+    return row

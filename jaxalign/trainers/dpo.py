@@ -15,15 +15,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxalign import sharding as shd
 from jaxalign.data import BatchIterator
 from jaxalign.losses import dpo_loss
 from jaxalign.models import Transformer
-from jaxalign.optim import make_optimizer
 from jaxalign.trainers import common, engine
 from jaxalign.trainers.pairwise import response_logps
-from jaxalign.trainers.reward import pair_tokens, preference_datasets
+from jaxalign.trainers.setup import load_reference, setup_run
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,14 @@ def precompute_reference_logps(
     batch_size: int,
     chunk_size: int | None,
 ) -> None:
-    """Adds `reference_chosen_logps`/`reference_rejected_logps` to every example, in one pass."""
+    """Adds `reference_chosen_logps`/`reference_rejected_logps` to every example, in one pass.
+
+    `batch_size` is global: each process feeds its slice of every batch, and every process gets
+    every example's values (any process may draw any example in a later epoch).
+    """
     logps_fn = jax.jit(lambda p, b: response_logps(model, p, b, chunk_size=chunk_size)[:2])
+    process_count = jax.process_count()
+    local_size = batch_size // process_count
     iterator = BatchIterator(
         dataset.examples,
         batch_size=batch_size,
@@ -110,82 +116,59 @@ def precompute_reference_logps(
         shuffle=False,
         drop_last=False,
         num_epochs=1,
+        process_index=jax.process_index(),
+        process_count=process_count,
     )
     for batch in iterator:
-        indices = iterator.last_batch_indices
-        rows = len(indices)
-        pad = batch_size - rows
-        if pad:  # a short last batch repeats its last row up to the full batch (dropped below):
+        indices = np.asarray(iterator.last_batch_indices)
+        pad = local_size - len(indices)
+        if pad:  # a short last batch repeats its last row up to the full batch (written twice):
             # it splits over the mesh and reuses the full batch's compilation.
             batch = {
                 k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()
             }
-        chosen, rejected = jax.device_get(logps_fn(ref_params, shd.shard_batch(batch, mesh)))
-        for row, index in enumerate(indices):
-            dataset.examples[index]["reference_chosen_logps"] = np.float32(chosen[row])
-            dataset.examples[index]["reference_rejected_logps"] = np.float32(rejected[row])
+            indices = np.concatenate([indices, np.repeat(indices[-1:], pad)])
+        logps = shd.local_rows(logps_fn(ref_params, shd.shard_batch(batch, mesh)), mesh)
+        if process_count > 1:
+            indices, *logps = multihost_utils.process_allgather((indices, *logps))
+        for index, chosen, rejected in zip(
+            np.ravel(indices), np.ravel(logps[0]), np.ravel(logps[1]), strict=True
+        ):
+            dataset.examples[index]["reference_chosen_logps"] = np.float32(chosen)
+            dataset.examples[index]["reference_rejected_logps"] = np.float32(rejected)
 
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
-    mesh = engine.make_mesh(config.mesh)
-    rules = config.mesh.logical_rules
     dpo_cfg = config.dpo
-    model, params, param_shardings = engine.load_model(
-        config.model, mesh, rules, name_or_path=config.model.name_or_path, seed=config.seed
-    )
-    tokenizer = engine.load_run_tokenizer(config, model)
-    model = engine.with_special_tokens(model, tokenizer)
-    train_data, eval_data = preference_datasets(
-        config, tokenizer, share_prompt=dpo_cfg.share_prompt
+    setup = setup_run(config)
+    train_data, eval_data = common.preference_datasets(
+        config, setup.tokenizer, share_prompt=dpo_cfg.share_prompt
     )
     chunk_size = config.model.logits_chunk_size or None
-
     ref_params = None
     if needs_reference_model(dpo_cfg):
-        if dpo_cfg.reference_name_or_path:
-            _, ref_params, _ = engine.load_model(
-                config.model,
-                mesh,
-                rules,
-                name_or_path=dpo_cfg.reference_name_or_path,
-                seed=config.seed,
-            )
-        else:  # the policy's initial weights; a copy, since the train step donates the state
-            ref_params = jax.tree.map(jnp.copy, params)
+        ref_params = load_reference(config, setup, dpo_cfg.reference_name_or_path)
         if dpo_cfg.precompute_reference:
             for data in (train_data, eval_data):
                 if data is not None:
                     precompute_reference_logps(
-                        model,
+                        setup.model,
                         ref_params,
                         data,
-                        mesh,
+                        setup.mesh,
                         # the step's microbatch: the most rows one forward is known to fit
                         batch_size=config.train.batch_size // config.optimizer.grad_accum_steps,
                         chunk_size=chunk_size,
                     )
             ref_params = None  # training now holds one model
-
-    tx, schedule = make_optimizer(config.optimizer, total_steps=config.train.num_steps)
-    state, state_shardings = engine.create_train_state(
-        params, param_shardings, model, tx, mesh, rules, seed=config.seed
-    )
-    loss_fn = dpo_loss_fn(model, dpo_cfg, chunk_size=chunk_size)
-    step = engine.make_train_step(
-        loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
-    )
-    frozen_shardings = param_shardings if ref_params is not None else None
-    return engine.run_training(
-        config=config,
-        workdir=workdir,
-        mesh=mesh,
-        state=state,
-        state_shardings=state_shardings,
-        train_step=engine.jit_train_step(step, state_shardings, mesh, frozen_shardings),
+    return engine.train_offline(
+        config,
+        workdir,
+        setup,
+        loss_fn=dpo_loss_fn(setup.model, dpo_cfg, chunk_size=chunk_size),
+        train_data=train_data,
+        eval_data=eval_data,
         frozen=ref_params,
-        train_iterator=common.train_iterator(train_data, config),
-        eval_step=jax.jit(engine.make_eval_step(loss_fn)),
-        eval_batches=common.eval_batches_fn(eval_data, config),
-        tokens_per_batch=pair_tokens,
-        export=common.exporter(model, tokenizer),
+        frozen_shardings=setup.param_shardings if ref_params is not None else None,
+        tokens_per_batch=common.pair_tokens,
     )

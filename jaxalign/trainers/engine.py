@@ -1,9 +1,21 @@
-"""The pieces every trainer shares: mesh, models on the mesh, train state, the jitted step, the loop.
+"""The one training loop every algorithm runs on, with the train state and the jitted step.
 
-A trainer supplies a *loss function* `(params, batch, frozen, rng) -> (loss_sum, aux)` where `aux`
-is `{"denominator": n, "metrics": {name: sum}}` (plus optional `"counts"`, logged as they are):
-sums are accumulated over microbatches and divided once, so accumulation and sharding never bias
-a mean (Tunix `WeightedMetric` style).
+A trainer hands `run_training` one of two things:
+
+- offline algorithms (SFT, reward model, DPO family): a *loss function*
+  `(params, batch, frozen, rng) -> (loss_sum, aux)` turned into a jitted
+  `(state, batch, frozen) -> (state, metrics)` by `make_train_step`; `train_offline` does all of it;
+- online algorithms (PPO, GRPO): an *iteration* `(state, prompt_batch) -> (state, metrics)` that
+  rolls out, scores, computes advantages and runs its updates (each one a `make_train_step` step),
+  plus any host-side state to checkpoint with it (e.g. the adaptive KL controller).
+
+Either way the loop owns resume, preemption saves, the non-finite stop, evaluation, logging and
+export, so every algorithm gets all of them.
+
+`aux` is `{"denominator": n, "metrics": {name: sum}}` (plus optional `"counts"`, logged as they
+are, and `"weighted"`: `{name: (sum, weight)}`, logged as `sum / weight`): sums are accumulated over
+microbatches and divided once, so accumulation and sharding never bias a mean (Tunix
+`WeightedMetric` style).
 """
 
 from __future__ import annotations
@@ -11,11 +23,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import flax
 import jax
@@ -27,23 +38,26 @@ from jax.sharding import Mesh
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import sharding as shd
-from jaxalign.config import resolve_mesh_shape
 from jaxalign.metrics import MetricWriter
-from jaxalign.models import (
-    ModelConfig,
-    Transformer,
-    from_hf_config,
-    from_pretrained,
-    load_tokenizer,
-)
-from jaxalign.models.hf import read_hf_config, resolve_checkpoint_dir
-from jaxalign.optim import accumulate_gradients
+from jaxalign.models import Transformer
+from jaxalign.optim import accumulate_gradients, make_optimizer
+from jaxalign.trainers import common
+from jaxalign.trainers.setup import RunSetup, abstract_params
 
 logger = logging.getLogger(__name__)
 
 Params = Any
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Params, Batch, Any, jax.Array], tuple[jax.Array, dict[str, Any]]]
+Iteration = Callable[[Any, dict[str, np.ndarray]], tuple[Any, dict[str, Any]]]
+
+
+class HostState(Protocol):
+    """Host-side training state an online iteration keeps between steps (checkpointed as JSON)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @flax.struct.dataclass
@@ -56,104 +70,6 @@ class TrainState:
     rng: jax.Array
     skipped_steps: jax.Array
     consecutive_nonfinite: jax.Array
-
-
-# ----------------------------------------------------------------------------- mesh and models
-
-
-def make_mesh(
-    mesh_config: ml_collections.ConfigDict, *, devices: list[jax.Device] | None = None
-) -> Mesh:
-    """The `config.mesh` mesh over `devices` (default: all of `jax.devices()`)."""
-    devices = jax.devices() if devices is None else list(devices)
-    dcn = tuple(mesh_config.dcn_shape) or None
-    # With dcn_shape, mesh.shape is the per-slice (ICI) shape.
-    shape = resolve_mesh_shape(tuple(mesh_config.shape), len(devices) // math.prod(dcn or (1,)))
-    return shd.make_mesh(
-        shape=shape, axis_names=tuple(mesh_config.axis_names), devices=devices, dcn_shape=dcn
-    )
-
-
-def model_config_for(
-    model_cfg: ml_collections.ConfigDict, *, name_or_path: str = "", head: str = "lm"
-) -> ModelConfig:
-    """The `ModelConfig` of a HF checkpoint (or of `model.init` for random init) with run settings."""
-    run_settings = dict(
-        dtype=model_cfg.dtype,
-        param_dtype=model_cfg.param_dtype,
-        remat_policy=model_cfg.remat_policy,
-        scan_layers=model_cfg.scan_layers,
-        attention_impl=model_cfg.attention_impl,
-    )
-    if name_or_path:
-        config = from_hf_config(
-            read_hf_config(resolve_checkpoint_dir(name_or_path)), **run_settings
-        )
-        return config.replace(head=head)
-    return ModelConfig(**model_cfg.init.to_dict(), **run_settings, head=head)
-
-
-def abstract_params(model: Transformer) -> Any:
-    """Boxed (logically partitioned) parameter shapes, without allocating anything."""
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy)["params"])
-
-
-def load_model(
-    model_cfg: ml_collections.ConfigDict,
-    mesh: Mesh,
-    rules: Any,
-    *,
-    name_or_path: str = "",
-    head: str = "lm",
-    seed: int = 0,
-) -> tuple[Transformer, Params, Any]:
-    """(model, params, param_shardings): HF weights streamed into their shardings, or random init."""
-    model = Transformer(model_config_for(model_cfg, name_or_path=name_or_path, head=head))
-    shardings = shd.param_shardings(abstract_params(model), mesh, rules)
-    if name_or_path:
-        settings = model.config
-        _, params = from_pretrained(
-            name_or_path,
-            dtype=jnp.dtype(settings.dtype),
-            param_dtype=jnp.dtype(settings.param_dtype),
-            head=head,
-            shardings=shardings,
-            seed=seed,
-            remat_policy=settings.remat_policy,
-            scan_layers=settings.scan_layers,
-            attention_impl=settings.attention_impl,
-        )
-    else:
-        dummy = jnp.zeros((1, 1), jnp.int32)
-        params, shardings = shd.init_sharded(
-            lambda rng: model.init(rng, dummy)["params"], mesh, rules, jax.random.PRNGKey(seed)
-        )
-    return model, params, shardings
-
-
-def load_run_tokenizer(config: ml_collections.ConfigDict, model: Transformer):
-    path = config.tokenizer or config.model.name_or_path
-    if not path:
-        raise ValueError("config.tokenizer is required when config.model.name_or_path is empty")
-    tokenizer = load_tokenizer(path)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(
-            f"tokenizer {path} has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{model.config.vocab_size} (config.model.init.vocab_size)"
-        )
-    return tokenizer
-
-
-def with_special_tokens(model: Transformer, tokenizer: Any) -> Transformer:
-    """Records the tokenizer's bos/eos/pad ids in the model config (they go into config.json)."""
-    return Transformer(
-        model.config.replace(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
 
 
 # ----------------------------------------------------------------------------- state and step
@@ -199,6 +115,13 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
+def _weighted_means(aux: dict[str, Any]) -> dict[str, jax.Array]:
+    return {
+        name: total / jnp.maximum(weight, 1e-8)
+        for name, (total, weight) in aux.get("weighted", {}).items()
+    }
+
+
 def make_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -208,8 +131,10 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """`(state, batch, frozen) -> (state, metrics)`: one optimizer step, skipped if non-finite.
 
-    The gradient is `∇ Σ loss / denominator`. A non-finite loss or gradient leaves params and
-    optimizer state unchanged and counts in `skipped_steps` / `consecutive_nonfinite`.
+    The gradient is `∇ Σ loss / denominator`. A non-finite loss, gradient or *update* (e.g. a
+    learning rate that overflows, or Adam with eps=0 dividing 0 by 0) leaves params and optimizer
+    state unchanged and counts in `skipped_steps` / `consecutive_nonfinite`, so params never go
+    non-finite and neither does any checkpoint of them.
     """
 
     def train_step(state: TrainState, batch: Batch, frozen: Any):
@@ -225,8 +150,8 @@ def make_train_step(
         denominator = jnp.maximum(aux["denominator"], 1e-8)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         loss = loss_sum / denominator
-        finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates)
         new_params = optax.apply_updates(state.params, updates)
         keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = state.replace(
@@ -244,6 +169,7 @@ def make_train_step(
             "learning_rate": schedule(state.step - state.skipped_steps),
             "skipped_steps": new_state.skipped_steps,
             **{name: value / denominator for name, value in aux["metrics"].items()},
+            **_weighted_means(aux),
             **aux.get("counts", {}),
         }
         return new_state, metrics
@@ -303,20 +229,31 @@ def run_training(
     mesh: Mesh,
     state: TrainState,
     state_shardings: TrainState,
-    train_step: Callable,
-    frozen: Any,
     train_iterator: Any,
+    train_step: Callable | None = None,
+    frozen: Any = None,
+    iteration: Iteration | None = None,
+    host_state: HostState | None = None,
     eval_step: Callable | None = None,
     eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None,
     tokens_per_batch: Callable[[dict[str, np.ndarray]], int] | None = None,
     export: Callable[[Params, Path], None] | None = None,
 ) -> RunResult:
-    """Plain loop: restore → (batch → step → log → eval → checkpoint)* → export.
+    """The loop: restore → (batch → step or iteration → log → eval → checkpoint)* → export.
 
-    Resumes from the newest checkpoint in `workdir/checkpoints` (state and data position). A
-    SIGTERM saves and exits; `train.max_consecutive_nonfinite` non-finite steps stop the run with
-    a checkpoint of the last good state.
+    Exactly one of `train_step` (jitted `(state, sharded_batch, frozen) -> (state, metrics)`) and
+    `iteration` (`(state, local_batch) -> (state, metrics)`, online RL) drives each loop step.
+    Resumes from the newest checkpoint in `workdir/checkpoints` (state, data position and
+    `host_state`). A SIGTERM saves and exits; `train.max_consecutive_nonfinite` non-finite
+    optimizer steps stop the run with a checkpoint of the last good state.
     """
+    if (train_step is None) == (iteration is None):
+        raise ValueError("run_training needs exactly one of train_step and iteration")
+    if iteration is None:
+
+        def iteration(state, local_batch):
+            return train_step(state, shd.shard_batch(local_batch, mesh), frozen)
+
     train_cfg = config.train
     checkpointer = ckpt.Checkpointer(
         workdir / "checkpoints",
@@ -328,17 +265,20 @@ def run_training(
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
+    step = 0
     latest = checkpointer.latest_step()
     if latest is not None:
         abstract = ckpt.abstract_with_shardings(state, state_shardings)
         restored = checkpointer.restore(latest, abstract_state=abstract)
         state = restored.state
         train_iterator.load_state_dict(restored.data_state["iterator"])
-        logger.info("resumed from step %d in %s", latest, workdir)
+        if host_state is not None:
+            host_state.load_state_dict(restored.data_state["host"])
+        step = restored.step
+        logger.info("resumed from step %d in %s", step, workdir)
 
     writer = MetricWriter(workdir, total_steps=train_cfg.num_steps)
     preemption = ckpt.install_preemption_handler()
-    step = int(jax.device_get(state.step))
     last_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     stopped_early = None
@@ -347,30 +287,34 @@ def run_training(
     shapes_seen: set[tuple] = set()
 
     def save(force: bool) -> None:
-        checkpointer.save(
-            step,
-            state=state,
-            data_state={"iterator": train_iterator.state_dict()},
-            config=config_json,
-            force=force,
-        )
+        data_state = {"iterator": train_iterator.state_dict()}
+        if host_state is not None:
+            data_state["host"] = host_state.state_dict()
+        checkpointer.save(step, state=state, data_state=data_state, config=config_json, force=force)
 
+    def run_eval() -> dict[str, float]:
+        metrics = evaluate(eval_step, state.params, frozen, eval_batches(), mesh)
+        writer.write(step, metrics)
+        return metrics
+
+    can_eval = eval_step is not None and eval_batches is not None
     try:
         while step < train_cfg.num_steps:
             local_batch = next(train_iterator)
             signature = tuple(sorted((k, v.shape) for k, v in local_batch.items()))
             if signature not in shapes_seen:
                 shapes_seen.add(signature)
-                logger.info("compiling the train step for batch shapes %s", dict(signature))
+                logger.info("new batch shapes (compiles once): %s", dict(signature))
             window_tokens += tokens_per_batch(local_batch) if tokens_per_batch else 0
-            state, metrics = train_step(state, shd.shard_batch(local_batch, mesh), frozen)
+            state, metrics = iteration(state, local_batch)
             step += 1
             if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - window_start
-                last_metrics["tokens_per_s"] = (
-                    window_tokens * jax.process_count() / max(elapsed, 1e-9)
-                )
+                if tokens_per_batch is not None:
+                    elapsed = time.perf_counter() - window_start
+                    last_metrics["tokens_per_s"] = (
+                        window_tokens * jax.process_count() / max(elapsed, 1e-9)
+                    )
                 writer.write(step, last_metrics)
                 window_tokens, window_start = 0, time.perf_counter()
             # Checked every step, not only at log steps: a run of bad steps shorter than
@@ -382,11 +326,8 @@ def run_training(
                 stopped_early = (
                     f"{train_cfg.max_consecutive_nonfinite} consecutive non-finite steps"
                 )
-            if eval_step is not None and eval_batches is not None and train_cfg.eval_every:
-                if step % train_cfg.eval_every == 0:
-                    eval_metrics = evaluate(eval_step, state.params, frozen, eval_batches(), mesh)
-                    writer.write(step, eval_metrics)
-                    evaluated_at = step
+            if can_eval and train_cfg.eval_every and step % train_cfg.eval_every == 0:
+                eval_metrics, evaluated_at = run_eval(), step
             if preemption.should_stop(step):
                 stopped_early = "preemption signal"
             if stopped_early:
@@ -394,10 +335,8 @@ def run_training(
                 logger.warning("stopping at step %d: %s", step, stopped_early)
                 break
             save(force=step == train_cfg.num_steps)
-        final_eval = not stopped_early and evaluated_at != step
-        if final_eval and eval_step is not None and eval_batches is not None:
-            eval_metrics = evaluate(eval_step, state.params, frozen, eval_batches(), mesh)
-            writer.write(step, eval_metrics)
+        if can_eval and not stopped_early and evaluated_at != step:
+            eval_metrics = run_eval()
     finally:
         checkpointer.wait_until_finished()
         checkpointer.close()
@@ -415,4 +354,46 @@ def run_training(
         checkpoint_dir=workdir / "checkpoints",
         export_dir=export_dir,
         stopped_early=stopped_early,
+    )
+
+
+def train_offline(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    setup: RunSetup,
+    *,
+    loss_fn: LossFn,
+    train_data: Any,
+    eval_data: Any = None,
+    frozen: Any = None,
+    frozen_shardings: Any = None,
+    tokens_per_batch: Callable[[dict[str, np.ndarray]], int] | None = None,
+) -> RunResult:
+    """An offline algorithm end to end: optimizer, state, jitted step, then `run_training`."""
+    tx, schedule = make_optimizer(config.optimizer, total_steps=config.train.num_steps)
+    state, state_shardings = create_train_state(
+        setup.params,
+        setup.param_shardings,
+        setup.model,
+        tx,
+        setup.mesh,
+        setup.rules,
+        seed=config.seed,
+    )
+    step = make_train_step(
+        loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
+    )
+    return run_training(
+        config=config,
+        workdir=workdir,
+        mesh=setup.mesh,
+        state=state,
+        state_shardings=state_shardings,
+        train_step=jit_train_step(step, state_shardings, setup.mesh, frozen_shardings),
+        frozen=frozen,
+        train_iterator=common.train_iterator(train_data, config),
+        eval_step=jax.jit(make_eval_step(loss_fn)),
+        eval_batches=common.eval_batches_fn(eval_data, config),
+        tokens_per_batch=tokens_per_batch,
+        export=common.exporter(setup.model, setup.tokenizer),
     )

@@ -11,56 +11,34 @@ initialised from the reward model or the policy). One iteration:
   5. `ppo.num_epochs` passes over `ppo.num_minibatches` minibatches of the clipped surrogate,
      clipped value loss and entropy bonus (Schulman et al. 2017).
 
-Group-based critic-free methods (GRPO, RLOO) reuse steps 1–2 and 5 with a different advantage
-function (`jaxalign.advantages.group_relative_advantages` / `rloo_advantages`).
+Sampling and host-side scoring are shared with GRPO (`jaxalign.rollout`); the loop, resume,
+preemption, non-finite stop and logging are the engine's (`engine.run_training` with an iteration).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jaxalign import advantages as adv
-from jaxalign import checkpoint as ckpt
+from jaxalign import rollout as rl
 from jaxalign import sharding as shd
-from jaxalign.data import build_prompt_dataset
 from jaxalign.judges import get_judge
 from jaxalign.losses import kl_penalty, ppo_policy_loss, ppo_value_loss
-from jaxalign.metrics import MetricWriter
 from jaxalign.models import Transformer, sequence_token_logprobs
 from jaxalign.optim import make_optimizer
-from jaxalign.sampling import SamplingConfig, generate
 from jaxalign.trainers import common, engine
 from jaxalign.trainers.pairwise import sequence_scores
+from jaxalign.trainers.setup import RunSetup, abstract_params, load_model, load_reference, setup_run
 
 logger = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class Rollout:
-    """One batch of experience; all `[B, P+N]` (sequence) or `[B, N]` (response) arrays."""
-
-    input_ids: jax.Array  # [B, P+N] prompt (left-padded) + response (right-padded)
-    attention_mask: jax.Array  # [B, P+N]
-    response_mask: jax.Array  # [B, N] float, 1 up to and including EOS
-    old_logprobs: jax.Array  # [B, N]
-    old_values: jax.Array  # [B, N]
-    advantages: jax.Array  # [B, N]
-    returns: jax.Array  # [B, N]
-
-
-def response_slice(x: jax.Array, prompt_len: int, offset: int = 0) -> jax.Array:
-    """Columns of a `[B, P+N]` array that belong to the response (shifted by `offset`)."""
-    return x[:, prompt_len + offset : x.shape[1] + offset]
 
 
 def score_rollout(
@@ -97,11 +75,11 @@ def score_rollout(
     )
     values = critic.apply({"params": params["critic"]}, input_ids, attention_mask)
     out = {
-        "old_logprobs": response_slice(logprobs, prompt_len),
-        "ref_logprobs": response_slice(ref_logprobs, prompt_len),
-        "entropy": response_slice(entropy, prompt_len),
+        "old_logprobs": rl.response_slice(logprobs, prompt_len),
+        "ref_logprobs": rl.response_slice(ref_logprobs, prompt_len),
+        "entropy": rl.response_slice(entropy, prompt_len),
         # V(s_t) is read at the token before response token t.
-        "old_values": response_slice(values, prompt_len, offset=-1),
+        "old_values": rl.response_slice(values, prompt_len, offset=-1),
     }
     if reward_model is not None:
         out["scores"] = sequence_scores(reward_model, reward_params, input_ids, attention_mask)
@@ -167,12 +145,12 @@ def ppo_loss_fn(
             temperature=ppo_cfg.temperature,
             chunk_size=chunk_size,
         )
-        logprobs = response_slice(logprobs, prompt_len)
-        entropy = response_slice(entropy, prompt_len)
+        logprobs = rl.response_slice(logprobs, prompt_len)
+        entropy = rl.response_slice(entropy, prompt_len)
         values = critic.apply(
             {"params": params["critic"]}, batch["input_ids"], batch["attention_mask"]
         )
-        values = response_slice(values, prompt_len, offset=-1)
+        values = rl.response_slice(values, prompt_len, offset=-1)
         pg_sum, pg_stats = ppo_policy_loss(
             logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_eps=ppo_cfg.clip_eps
         )
@@ -195,85 +173,82 @@ def ppo_loss_fn(
     return loss_fn
 
 
-def load_reward(config: ml_collections.ConfigDict, mesh, rules):
+def load_reward(config: ml_collections.ConfigDict, setup: RunSetup):
     """(reward_model, reward_params, judge): a frozen scalar-head model or a Python judge."""
     spec = config.ppo.reward_model
     if spec.startswith("judge:"):
         return None, None, get_judge(spec[len("judge:") :])
-    model, params, _ = engine.load_model(
-        config.model, mesh, rules, name_or_path=spec, head="scalar", seed=config.seed
+    model, params, _ = load_model(
+        config.model, setup.mesh, setup.rules, name_or_path=spec, head="scalar", seed=config.seed
     )
     return model, params, None
 
 
-def _decode_responses(tokenizer, tokens: np.ndarray, response_mask: np.ndarray) -> list[str]:
-    return [
-        tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True)
-        for row, m in zip(tokens, response_mask, strict=True)
-    ]
+class KLCoefficient:
+    """β of the KL penalty: fixed, or adapted towards `ppo.kl_target` (Ziegler et al. 2019)."""
+
+    def __init__(self, ppo_cfg: ml_collections.ConfigDict):
+        self.cfg = ppo_cfg
+        self.state = adv.kl_controller_init(ppo_cfg.kl_coef)
+
+    @property
+    def beta(self) -> jax.Array:
+        return self.state.beta
+
+    def update(self, mean_kl: float, batch_size: int) -> None:
+        if self.cfg.adaptive_kl:
+            self.state = adv.kl_controller_update(
+                self.state,
+                mean_kl,
+                batch_size,
+                target=self.cfg.kl_target,
+                horizon=self.cfg.kl_horizon,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_coef": float(self.state.beta)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = adv.KLControllerState(beta=jnp.float32(state["kl_coef"]))
 
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
-    ppo_cfg = config.ppo
-    mesh = engine.make_mesh(config.mesh)
-    rules = config.mesh.logical_rules
+    ppo_cfg, train_cfg = config.ppo, config.train
+    setup = setup_run(config)
+    policy, tokenizer, mesh = setup.model, setup.tokenizer, setup.mesh
     chunk_size = config.model.logits_chunk_size or None
-
-    policy, policy_params, policy_shardings = engine.load_model(
-        config.model, mesh, rules, name_or_path=config.model.name_or_path, seed=config.seed
+    ref_params = load_reference(config, setup, ppo_cfg.reference_name_or_path)
+    reward_model, reward_params, judge = load_reward(config, setup)
+    if ppo_cfg.critic_init == "reward" and judge is not None:
+        raise ValueError("config.ppo.critic_init='reward' needs a reward model, not a judge")
+    critic_source = (
+        ppo_cfg.reward_model if ppo_cfg.critic_init == "reward" else config.model.name_or_path
     )
-    tokenizer = engine.load_run_tokenizer(config, policy)
-    policy = engine.with_special_tokens(policy, tokenizer)
-    if ppo_cfg.reference_name_or_path:
-        _, ref_params, _ = engine.load_model(
-            config.model, mesh, rules, name_or_path=ppo_cfg.reference_name_or_path
-        )
-    else:
-        ref_params = jax.tree.map(jnp.copy, policy_params)
-    reward_model, reward_params, judge = load_reward(config, mesh, rules)
-    if ppo_cfg.critic_init == "reward":
-        if judge is not None:
-            raise ValueError("config.ppo.critic_init='reward' needs a reward model, not a judge")
-        critic_source = ppo_cfg.reward_model
-    else:
-        critic_source = config.model.name_or_path
-    critic, critic_params, critic_shardings = engine.load_model(
-        config.model, mesh, rules, name_or_path=critic_source, head="scalar", seed=config.seed + 1
+    critic, critic_params, critic_shardings = load_model(
+        config.model,
+        mesh,
+        setup.rules,
+        name_or_path=critic_source,
+        head="scalar",
+        seed=config.seed + 1,
     )
-
-    prompts = build_prompt_dataset(
-        common.data_source(config.data.train),
-        tokenizer,
-        max_prompt_length=config.data.max_prompt_length,
-        split=config.data.train_split,
-        on_bad_row=config.data.on_bad_row,
-        buckets=tuple(config.data.buckets),
-    )
-    logger.info("PPO prompts: %s", prompts.stats)
+    prompts = common.prompt_dataset(config, tokenizer)
     iterator = common.train_iterator(prompts, config)
+    sampling = rl.sampling_config(ppo_cfg, tokenizer)
 
-    eos_ids = [tokenizer.eos_token_id]
-    if ppo_cfg.stop_token:
-        stop_id = tokenizer.convert_tokens_to_ids(ppo_cfg.stop_token)
-        if stop_id is None or stop_id == tokenizer.unk_token_id:
-            raise ValueError(f"config.ppo.stop_token={ppo_cfg.stop_token!r} is not a single token")
-        eos_ids.append(stop_id)
-    sampling = SamplingConfig(
-        max_new_tokens=ppo_cfg.max_new_tokens,
-        temperature=ppo_cfg.temperature,
-        top_k=ppo_cfg.top_k,
-        top_p=ppo_cfg.top_p,
-        eos_token_ids=tuple(eos_ids),
-        pad_token_id=tokenizer.pad_token_id,
+    # One optimizer over both trained models; num_epochs × num_minibatches updates per iteration.
+    updates_per_iteration = ppo_cfg.num_epochs * ppo_cfg.num_minibatches
+    tx, schedule = make_optimizer(
+        config.optimizer, total_steps=train_cfg.num_steps * updates_per_iteration
     )
-
-    num_updates = config.train.num_steps * ppo_cfg.num_epochs * ppo_cfg.num_minibatches
-    tx, schedule = make_optimizer(config.optimizer, total_steps=num_updates)
-    params = {"policy": policy_params, "critic": critic_params}
-    param_shardings = {"policy": policy_shardings, "critic": critic_shardings}
-    boxed = {"policy": engine.abstract_params(policy), "critic": engine.abstract_params(critic)}
     state, state_shardings = engine.create_train_state(
-        params, param_shardings, boxed, tx, mesh, rules, seed=config.seed
+        {"policy": setup.params, "critic": critic_params},
+        {"policy": setup.param_shardings, "critic": critic_shardings},
+        {"policy": abstract_params(policy), "critic": abstract_params(critic)},
+        tx,
+        mesh,
+        setup.rules,
+        seed=config.seed,
     )
     new_tokens = ppo_cfg.max_new_tokens
     loss_fn = ppo_loss_fn(
@@ -291,22 +266,23 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         mesh,
         None,
     )
-    batch_sharding = shd.batch_sharding(mesh)
     score_fn = jax.jit(
-        lambda params, ref, rm, ids, mask, prompt_len: score_rollout(
-            policy,
-            critic,
-            reward_model,
-            params,
-            ref,
-            rm,
-            ids,
-            mask,
-            prompt_len=prompt_len,
-            temperature=ppo_cfg.temperature,
-            chunk_size=chunk_size,
+        rl.microbatched(
+            lambda params, ref, rm, prompt_len, seqs: score_rollout(
+                policy,
+                critic,
+                reward_model,
+                params,
+                ref,
+                rm,
+                *seqs,
+                prompt_len=prompt_len,
+                temperature=ppo_cfg.temperature,
+                chunk_size=chunk_size,
+            ),
+            config.optimizer.grad_accum_steps,
         ),
-        static_argnums=(5,),
+        static_argnums=(3,),
     )
     advantage_fn = jax.jit(
         lambda scored, scores, mask, kl_coef: compute_advantages(
@@ -322,168 +298,104 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         )
     )
     take_rows = jax.jit(
-        lambda tree, idx: jax.tree.map(lambda x: x[idx], tree), out_shardings=batch_sharding
+        lambda tree, idx: jax.tree.map(lambda x: x[idx], tree),
+        out_shardings=shd.batch_sharding(mesh),
     )
-
-    minibatch_size = config.train.batch_size // ppo_cfg.num_minibatches
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if minibatch_size % data_parallel:
+    minibatch_size = train_cfg.batch_size // ppo_cfg.num_minibatches
+    if minibatch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(
             f"config.ppo.num_minibatches: minibatches of {minibatch_size} rows do not split over "
-            f"the data-parallel size {data_parallel}"
+            f"the data-parallel size {mesh.shape['data'] * mesh.shape['fsdp']}"
         )
-
-    checkpointer = ckpt.Checkpointer(
-        workdir / "checkpoints",
-        save_every=config.train.checkpoint_every,
-        keep=config.train.keep_checkpoints,
-        async_save=config.train.async_checkpoint,
-    )
-    config_json = json.loads(config.to_json_best_effort())
-    kl_state = adv.kl_controller_init(ppo_cfg.kl_coef)
-    iteration = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        restored = checkpointer.restore(
-            latest, abstract_state=ckpt.abstract_with_shardings(state, state_shardings)
-        )
-        state = restored.state
-        iterator.load_state_dict(restored.data_state["iterator"])
-        kl_state = adv.KLControllerState(beta=jnp.float32(restored.data_state["kl_coef"]))
-        iteration = latest
-        logger.info("resumed PPO from iteration %d", latest)
-    elif jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
-
-    writer = MetricWriter(workdir, total_steps=config.train.num_steps)
-    preemption = ckpt.install_preemption_handler()
-    last_metrics: dict[str, float] = {}
-    stopped_early = None
+    kl_coef = KLCoefficient(ppo_cfg)
     base_rng = jax.random.PRNGKey(config.seed)
-    try:
-        while iteration < config.train.num_steps:
-            t0 = time.perf_counter()
-            local_prompts = next(iterator)
+
+    def iteration(state: engine.TrainState, local_prompts: dict[str, np.ndarray]):
+        index = int(jax.device_get(state.step)) // updates_per_iteration
+        t0 = time.perf_counter()
+        rollout = rl.sample_rollout(
+            policy,
+            state.params["policy"],
+            shd.shard_batch(local_prompts, mesh),
+            rng=jax.random.fold_in(base_rng, index),
+            sampling=sampling,
+        )
+        jax.block_until_ready(rollout.input_ids)
+        t_rollout = time.perf_counter() - t0
+
+        sequences = (rollout.input_ids, rollout.attention_mask)
+        scored = score_fn(state.params, ref_params, reward_params, rollout.prompt_len, sequences)
+        if judge is not None:
+            responses, _ = rl.local_responses(tokenizer, rollout, mesh)
             prompt_texts = [prompts.texts[i] for i in iterator.last_batch_indices]
-            batch = shd.shard_batch(local_prompts, mesh)
-            prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-            prompt_len = prompt_ids.shape[1]
-            gen = generate(
-                policy,
-                state.params["policy"],
-                prompt_ids,
-                prompt_mask,
-                rng=jax.random.fold_in(base_rng, iteration),
-                config=sampling,
+            scores = shd.global_from_local(
+                np.asarray(judge(prompt_texts, responses), np.float32), mesh
             )
-            response_mask = gen.response_mask.astype(jnp.float32)
-            input_ids = jnp.concatenate([prompt_ids, gen.tokens], axis=1)
-            attention_mask = jnp.concatenate(
-                [(prompt_mask != 0).astype(jnp.int32), gen.response_mask.astype(jnp.int32)], axis=1
-            )
-            jax.block_until_ready(gen.tokens)
-            t_rollout = time.perf_counter() - t0
+        else:
+            scores = scored["scores"]
+        raw_scores = scores
+        if ppo_cfg.missing_eos_penalty:
+            scores = jnp.where(rollout.finished, scores, scores + ppo_cfg.missing_eos_penalty)
+        advantages = advantage_fn(scored, scores, rollout.response_mask, kl_coef.beta)
+        batch = {
+            "input_ids": rollout.input_ids,
+            "attention_mask": rollout.attention_mask,
+            "response_mask": rollout.response_mask,
+            "old_logprobs": scored["old_logprobs"],
+            "old_values": scored["old_values"],
+            "advantages": advantages["advantages"],
+            "returns": advantages["returns"],
+        }
 
-            scored = score_fn(
-                state.params, ref_params, reward_params, input_ids, attention_mask, prompt_len
-            )
-            if judge is not None:
-                host_tokens, host_mask = jax.device_get((gen.tokens, gen.response_mask))
-                responses = _decode_responses(tokenizer, host_tokens, host_mask)
-                scores = jnp.asarray(judge(prompt_texts, responses), jnp.float32)
-            else:
-                scores = scored["scores"]
-            raw_scores = scores
-            if ppo_cfg.missing_eos_penalty:
-                scores = jnp.where(gen.finished, scores, scores + ppo_cfg.missing_eos_penalty)
-            advantages = advantage_fn(scored, scores, response_mask, kl_state.beta)
-            rollout = Rollout(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                response_mask=response_mask,
-                old_logprobs=scored["old_logprobs"],
-                old_values=scored["old_values"],
-                advantages=advantages["advantages"],
-                returns=advantages["returns"],
-            )
-            rollout_batch = flax.serialization.to_state_dict(rollout)
-            t1 = time.perf_counter()
-            update_metrics = []
-            epoch_rng = np.random.default_rng([config.seed, iteration])
-            for _ in range(ppo_cfg.num_epochs):
-                order = epoch_rng.permutation(config.train.batch_size)
-                for start in range(0, config.train.batch_size, minibatch_size):
-                    rows = jnp.asarray(order[start : start + minibatch_size])
-                    state, metrics = update_step(state, take_rows(rollout_batch, rows), None)
-                    update_metrics.append(metrics)
-            jax.block_until_ready(state.step)
-            t_update = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        update_metrics = []
+        epoch_rng = np.random.default_rng([config.seed, index])
+        for _ in range(ppo_cfg.num_epochs):
+            order = epoch_rng.permutation(train_cfg.batch_size)
+            for start in range(0, train_cfg.batch_size, minibatch_size):
+                rows = jnp.asarray(order[start : start + minibatch_size])
+                state, metrics = update_step(state, take_rows(batch, rows), None)
+                update_metrics.append(metrics)
+        jax.block_until_ready(state.step)
+        t_update = time.perf_counter() - t1
 
-            mean_kl = float(advantages["mean_kl"])
-            if ppo_cfg.adaptive_kl:
-                kl_state = adv.kl_controller_update(
-                    kl_state,
-                    mean_kl,
-                    config.train.batch_size,
-                    target=ppo_cfg.kl_target,
-                    horizon=ppo_cfg.kl_horizon,
-                )
-            iteration += 1
-            if iteration % config.train.log_every == 0 or iteration == config.train.num_steps:
-                updates = jax.device_get(update_metrics)
-                last_metrics = {k: float(np.mean([m[k] for m in updates])) for k in updates[0]}
-                generated = float(jax.device_get(response_mask.sum()))
-                sequence_tokens = float(jax.device_get((attention_mask != 0).sum()))
-                last_metrics.update(
-                    {
-                        "objective/score": float(jnp.mean(raw_scores)),
-                        "objective/kl": mean_kl,
-                        "objective/entropy": float(
-                            (scored["entropy"] * response_mask).sum() / response_mask.sum()
-                        ),
-                        "objective/non_score_reward": float(advantages["mean_non_score_reward"]),
-                        "objective/kl_coef": float(kl_state.beta),
-                        "response_length": generated / config.train.batch_size,
-                        "eos_rate": float(jnp.mean(gen.finished.astype(jnp.float32))),
-                        "time/rollout_s": t_rollout,
-                        "time/update_s": t_update,
-                        "rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
-                        "update_tokens_per_s": sequence_tokens
-                        * ppo_cfg.num_epochs
-                        / max(t_update, 1e-9),
-                    }
-                )
-                writer.write(iteration, last_metrics)
-            if preemption.should_stop(iteration):
-                stopped_early = "preemption signal"
-            data_state = {"iterator": iterator.state_dict(), "kl_coef": float(kl_state.beta)}
-            checkpointer.save(
-                iteration,
-                state=state,
-                data_state=data_state,
-                config=config_json,
-                force=bool(stopped_early) or iteration == config.train.num_steps,
-            )
-            if stopped_early:
-                break
-    finally:
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        preemption.uninstall()
-        writer.close()
+        mean_kl = float(advantages["mean_kl"])
+        kl_coef.update(mean_kl, train_cfg.batch_size)
+        updates = jax.device_get(update_metrics)
+        mask = rollout.response_mask
+        generated = float(mask.sum())
+        metrics = {k: float(np.mean([m[k] for m in updates])) for k in updates[0]}
+        metrics.update(
+            {
+                "objective/score": float(jnp.mean(raw_scores)),
+                "objective/kl": mean_kl,
+                "objective/entropy": float((scored["entropy"] * mask).sum() / mask.sum()),
+                "objective/non_score_reward": float(advantages["mean_non_score_reward"]),
+                "objective/kl_coef": float(kl_coef.beta),
+                "response_length": generated / train_cfg.batch_size,
+                "eos_rate": float(jnp.mean(rollout.finished.astype(jnp.float32))),
+                "time/rollout_s": t_rollout,
+                "time/update_s": t_update,
+                "rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
+                "update_tokens_per_s": float((rollout.attention_mask != 0).sum())
+                * ppo_cfg.num_epochs
+                / max(t_update, 1e-9),
+            }
+        )
+        return state, metrics
 
-    export_dir = None
-    if config.train.export_hf and not stopped_early:
-        export_dir = workdir / "hf"
-        common.exporter(policy, tokenizer)(state.params["policy"], export_dir)
-        common.exporter(critic, tokenizer)(state.params["critic"], workdir / "hf_critic")
-    return engine.RunResult(
+    def export(params: Any, out_dir: Path) -> None:
+        common.exporter(policy, tokenizer)(params["policy"], out_dir)
+        common.exporter(critic, tokenizer)(params["critic"], workdir / "hf_critic")
+
+    return engine.run_training(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
         state=state,
-        last_metrics=last_metrics,
-        eval_metrics={},
-        checkpoint_dir=workdir / "checkpoints",
-        export_dir=export_dir,
-        stopped_early=stopped_early,
+        state_shardings=state_shardings,
+        train_iterator=iterator,
+        iteration=iteration,
+        host_state=kl_coef,
+        export=export,
     )
