@@ -166,6 +166,95 @@ def rloo_advantages(scores: Array, group_size: int) -> Array:
     return (grouped - leave_one_out_mean).reshape(scores.shape)
 
 
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("grpo", "rloo")
+SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+
+
+def _nanstd(x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+    """Unbiased (ddof=1) std of the non-NaN entries; NaN where fewer than two (TRL's `nanstd`)."""
+    count = jnp.sum(~jnp.isnan(x), axis=axis, keepdims=True)
+    squares = (x - jnp.nanmean(x, axis=axis, keepdims=True)) ** 2
+    var = jnp.nansum(squares, axis=axis, keepdims=True) / (count - 1)
+    std = jnp.sqrt(jnp.where(count > 1, var, jnp.nan))
+    return std if keepdims else jnp.squeeze(std, axis)
+
+
+def grpo_advantages(
+    rewards: Array,
+    group_size: int,
+    *,
+    estimator: str = "grpo",
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+) -> Array:
+    """Critic-free outcome advantages of the GRPO family, as TRL's `GRPOTrainer` computes them.
+
+    Within each group of `G = group_size` completions of one prompt, with a baseline `b_i`:
+
+        Â_i = (r_i − b_i) / (σ + eps)
+
+    - `estimator="grpo"` (Shao et al. 2024, DeepSeekMath §4.1.2): `b_i = mean_j r_j`.
+    - `estimator="rloo"` (Ahmadian et al. 2024; Kool et al. 2019): the leave-one-out mean
+      `b_i = (1/(G−1))·Σ_{j≠i} r_j`.
+    - `scale_rewards="group"`: σ = std of the group's rewards; `"batch"`: σ = std of all the
+      rewards in the batch (more robust with low-variance groups); `"none"`: no division
+      (Dr. GRPO, Liu et al. 2025, §3.2: dividing by σ weights questions by their difficulty).
+      Stds are unbiased (ddof=1), as in TRL.
+
+    A NaN reward marks an unscorable completion (every reward function returned None): it is
+    left out of its group's mean, leave-one-out mean and std, and its advantage is 0, as in TRL.
+    A group whose rewards are all equal gets advantages 0.
+
+    Jittable (`group_size`, `estimator`, `scale_rewards` static).
+
+    Args:
+      rewards: `[B]` scalar rewards, `B = num_prompts·G`, the G completions of a prompt in
+        consecutive rows (`jnp.repeat` order).
+      group_size: G ≥ 2.
+      estimator: one of `ADVANTAGE_ESTIMATORS`.
+      scale_rewards: one of `SCALE_REWARDS`.
+      eps: added to σ (TRL: 1e-4).
+
+    Returns:
+      `[B]` float32 advantages, 0 for unscorable rows.
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"Unknown estimator {estimator!r}; allowed: {ADVANTAGE_ESTIMATORS}.")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"Unknown scale_rewards {scale_rewards!r}; allowed: {SCALE_REWARDS}.")
+    rewards = jnp.asarray(rewards, jnp.float32)
+    grouped = _grouped(rewards, group_size)
+    scorable = ~jnp.isnan(grouped)
+    count = jnp.sum(scorable, axis=-1, keepdims=True)
+    total = jnp.sum(jnp.where(scorable, grouped, 0.0), axis=-1, keepdims=True)
+    if estimator == "grpo":
+        baseline = total / count
+    else:  # NaN (then advantage 0) for a completion without a scorable sibling
+        baseline = (total - grouped) / (count - 1)
+    advantages = grouped - baseline
+    if scale_rewards == "group":
+        advantages = advantages / (_nanstd(grouped, axis=-1, keepdims=True) + eps)
+    elif scale_rewards == "batch":
+        advantages = advantages / (_nanstd(rewards) + eps)
+    advantages = jnp.where(jnp.isnan(advantages), 0.0, advantages)
+    return advantages.reshape(rewards.shape)
+
+
+def groups_with_equal_rewards(rewards: Array, group_size: int, *, atol: float = 1e-8) -> Array:
+    """`[B / G]` bool: groups whose scorable rewards are all equal (within `atol`).
+
+    Their GRPO advantages are all 0, so they carry no gradient signal: DAPO's dynamic sampling
+    (Yu et al. 2025, §3.2) drops them, and their fraction is TRL's `frac_reward_zero_std`.
+    NaN rewards (unscorable) are ignored; a group without two scorable rewards counts as equal.
+
+    Args:
+      rewards: `[B]`, groups of `group_size` in consecutive rows.
+    """
+    grouped = _grouped(jnp.asarray(rewards, jnp.float32), group_size)
+    spread = jnp.nanmax(grouped, axis=-1) - jnp.nanmin(grouped, axis=-1)
+    return ~(spread > atol)  # NaN spread (all unscorable) compares False: equal
+
+
 # ---------------------------------------------------------------------------------------------
 # Adaptive KL controller
 # ---------------------------------------------------------------------------------------------

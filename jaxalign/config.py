@@ -15,7 +15,7 @@ import ml_collections
 
 from jaxalign.models.config import REMAT_POLICIES, SUPPORTED_MODEL_TYPES, ModelConfig
 
-ALGORITHMS = ("sft", "reward", "dpo", "ppo")
+ALGORITHMS = ("sft", "reward", "dpo", "ppo", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_LOGICAL_RULES = (
     ("batch", ("data", "fsdp")),
@@ -154,6 +154,32 @@ def base_config() -> ml_collections.ConfigDict:
     c.ppo.whiten_advantages = True
     c.ppo.whiten_rewards = False
     c.ppo.missing_eos_penalty = -1.0  # added to the score of responses without EOS; 0 = off
+
+    # Critic-free online RL (GRPO family). train.batch_size counts prompts; each iteration samples
+    # num_generations completions of each, scores them, and makes num_iterations updates.
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.num_generations = 8  # G completions per prompt (one prefill per prompt)
+    # Comma-separated: `module:function` (TRL's reward-function signature), `judge:NAME`, or a
+    # reward-model directory; weighted by reward_weights (comma-separated floats; empty = all 1).
+    c.grpo.reward_funcs = ""
+    c.grpo.reward_weights = ""
+    c.grpo.advantage_estimator = "grpo"  # "grpo" (group-normalised) | "rloo" (leave-one-out)
+    c.grpo.scale_rewards = "group"  # "group" | "batch" | "none" (Dr. GRPO)
+    c.grpo.loss_type = "grpo"  # "grpo" | "dr_grpo" | "dapo"
+    c.grpo.epsilon_low = 0.2
+    c.grpo.epsilon_high = 0.2  # > epsilon_low: DAPO's clip-higher
+    c.grpo.importance_sampling_level = "token"  # "token" | "sequence" (GSPO)
+    c.grpo.num_iterations = 1  # updates per rollout batch (μ)
+    c.grpo.beta = 0.0  # KL coefficient (k3 against the reference); 0 loads no reference model
+    c.grpo.reference_name_or_path = ""  # default: the policy's initial weights
+    c.grpo.mask_truncated_completions = False  # completions without EOS do not count in the loss
+    c.grpo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal (counted)
+    c.grpo.max_refill_batches = 0  # with dynamic_sampling: extra prompt batches to refill from
+    c.grpo.max_new_tokens = 64
+    c.grpo.temperature = 1.0
+    c.grpo.top_k = 0
+    c.grpo.top_p = 1.0
+    c.grpo.stop_token = ""  # extra stop string (a single token); EOS always stops
     return c
 
 
@@ -269,10 +295,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         )
     _check(config.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
     _check(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1")
-    # Warmup counts optimizer updates: PPO makes num_epochs * num_minibatches per train step.
+    # Warmup counts optimizer updates: PPO makes num_epochs * num_minibatches per train step,
+    # GRPO num_iterations.
     updates_per_step = 1
     if config.algorithm == "ppo":
         updates_per_step = config.ppo.num_epochs * config.ppo.num_minibatches
+    elif config.algorithm == "grpo":
+        updates_per_step = config.grpo.num_iterations
     num_updates = config.train.num_steps * updates_per_step
     _check(
         0 <= config.optimizer.warmup_steps <= num_updates,
@@ -280,10 +309,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         f"{config.optimizer.warmup_steps} must be in [0, {num_updates}], the optimizer updates "
         f"of train.num_steps={config.train.num_steps}",
     )
+    # Rows per update: GRPO trains on num_generations completions of each prompt.
+    rows = config.train.batch_size
+    if config.algorithm == "grpo":
+        _check(config.grpo.num_generations >= 2, "grpo.num_generations", "must be >= 2")
+        rows *= config.grpo.num_generations
     _check(
-        config.train.batch_size % config.optimizer.grad_accum_steps == 0,
+        rows % config.optimizer.grad_accum_steps == 0,
         "train.batch_size",
-        f"{config.train.batch_size} is not divisible by optimizer.grad_accum_steps="
+        f"{rows} rows are not divisible by optimizer.grad_accum_steps="
         f"{config.optimizer.grad_accum_steps}",
     )
     _check(
@@ -305,12 +339,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         axes = mesh_axis_sizes(config.mesh, num_devices)
         shape = tuple(axes.values())
         data_parallel = axes["data"] * axes["fsdp"]
-        micro_batch = config.train.batch_size // config.optimizer.grad_accum_steps
+        micro_batch = rows // config.optimizer.grad_accum_steps
         _check(
-            micro_batch % data_parallel == 0,
+            micro_batch % data_parallel == 0 and config.train.batch_size % data_parallel == 0,
             "train.batch_size",
-            f"{config.train.batch_size} (/{config.optimizer.grad_accum_steps} accumulation steps) is "
-            f"not divisible by the data-parallel size data*fsdp={data_parallel} of mesh {shape}",
+            f"{rows} rows (/{config.optimizer.grad_accum_steps} accumulation steps) are not "
+            f"divisible by the data-parallel size data*fsdp={data_parallel} of mesh {shape}",
         )
     if config.algorithm == "dpo":
         from jaxalign.losses import DPO_LOSS_TYPES
@@ -327,4 +361,55 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             "ppo.num_minibatches",
             f"must divide train.batch_size={config.train.batch_size}",
         )
+    if config.algorithm == "grpo":
+        _validate_grpo(config.grpo)
     _check(bool(config.data.train), "data.train", "is required")
+
+
+def _validate_grpo(grpo: ml_collections.ConfigDict) -> None:
+    from jaxalign.advantages import ADVANTAGE_ESTIMATORS, SCALE_REWARDS
+    from jaxalign.losses import GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS
+
+    _check(bool(grpo.reward_funcs), "grpo.reward_funcs", "is required for GRPO")
+    _check(
+        grpo.advantage_estimator in ADVANTAGE_ESTIMATORS,
+        "grpo.advantage_estimator",
+        f"{grpo.advantage_estimator!r} is not one of {', '.join(ADVANTAGE_ESTIMATORS)}",
+    )
+    _check(
+        grpo.scale_rewards in SCALE_REWARDS,
+        "grpo.scale_rewards",
+        f"{grpo.scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}",
+    )
+    _check(
+        grpo.loss_type in GRPO_LOSS_TYPES,
+        "grpo.loss_type",
+        f"{grpo.loss_type!r} is not one of {', '.join(GRPO_LOSS_TYPES)}",
+    )
+    _check(
+        grpo.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
+        "grpo.importance_sampling_level",
+        f"{grpo.importance_sampling_level!r} is not one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}",
+    )
+    _check(
+        grpo.epsilon_low >= 0 and grpo.epsilon_high >= 0,
+        "grpo.epsilon_low",
+        "epsilon_low and epsilon_high must be >= 0",
+    )
+    _check(grpo.beta >= 0, "grpo.beta", "must be >= 0")
+    _check(grpo.num_iterations >= 1, "grpo.num_iterations", "must be >= 1")
+    _check(grpo.max_new_tokens >= 1, "grpo.max_new_tokens", "must be >= 1")
+    _check(grpo.max_refill_batches >= 0, "grpo.max_refill_batches", "must be >= 0")
+    if grpo.reward_weights:
+        try:
+            weights = [float(w) for w in grpo.reward_weights.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"config.grpo.reward_weights: {grpo.reward_weights!r} is not comma-separated floats"
+            ) from None
+        funcs = [f for f in grpo.reward_funcs.split(",") if f.strip()]
+        _check(
+            len(weights) == len(funcs),
+            "grpo.reward_weights",
+            f"has {len(weights)} weights for {len(funcs)} reward_funcs",
+        )

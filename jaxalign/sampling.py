@@ -16,7 +16,11 @@ one-token steps that stops as soon as every row has emitted EOS. Each row sample
 share its batch or on how the batch is sharded. Sharding is left to propagation from the inputs:
 shard the batch's leading dim over the data axes and the params as for training.
 
-Compiled functions are cached per (model, max_new_tokens, whether top-k/top-p is on) and shapes;
+`num_generations=G` samples G completions per prompt (GRPO's groups) from one prefill per prompt:
+the prompt's cache is repeated to its G rows (prompt-major, `jnp.repeat` order, as TRL orders
+them), and the result equals generating on the repeated prompts with the same keys.
+
+Compiled functions are cached per (model, max_new_tokens, whether top-k/top-p is on, G) and shapes;
 temperature, top_k, top_p, greedy, EOS and pad ids are runtime values: changing them (e.g. greedy
 evaluation between sampled PPO rollouts) does not recompile.
 """
@@ -32,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models import init_cache, sequence_token_logprobs
+from jaxalign.models import KVCache, init_cache, sequence_token_logprobs
 
 Array = jax.Array
 
@@ -159,18 +163,46 @@ def _knobs(config: SamplingConfig, vocab_size: int) -> _Knobs:
     )
 
 
+def _repeat_cache(cache: KVCache, num_generations: int, max_length: int) -> KVCache:
+    """A prefilled cache of P rows as P·G rows (each row G times in a row, `jnp.repeat` order),
+    its slot axis padded with empty slots to `max_length`."""
+
+    def grow(x: Array, batch_axis: int, slot_axis: int) -> Array:
+        pad = [(0, 0)] * x.ndim
+        pad[slot_axis] = (0, max_length - x.shape[slot_axis])
+        return jnp.repeat(jnp.pad(x, pad), num_generations, axis=batch_axis)
+
+    # Keys/values are [L, B, K, S, D] stacked (scan_layers) or a tuple of [B, K, S, D].
+    if isinstance(cache.keys, tuple):
+        keys = tuple(grow(k, 0, 2) for k in cache.keys)
+        values = tuple(grow(v, 0, 2) for v in cache.values)
+    else:
+        keys, values = grow(cache.keys, 1, 3), grow(cache.values, 1, 3)
+    return KVCache(
+        keys=keys,
+        values=values,
+        segment_ids=grow(cache.segment_ids, 0, 1),
+        positions=grow(cache.positions, 0, 1),
+        index=cache.index,
+    )
+
+
 def _decode(
     model: Any,
     max_new_tokens: int,
     filtering: bool,
+    num_generations: int,
     params: Any,
     prompt_ids: Array,
     prompt_mask: Array,
     row_keys: Array,
     knobs: _Knobs,
 ) -> GenerationOutput:
-    """Prefill + while_loop decode; traced once per (model, max_new_tokens, filtering, shapes)."""
-    batch, prompt_len = prompt_ids.shape
+    """Prefill + while_loop decode; traced once per (model, max_new_tokens, filtering,
+    num_generations, shapes). With G = num_generations > 1 the `[P, T]` prompts are prefilled
+    once and their cache and last logits repeated to the `B = P·G` decode rows."""
+    num_prompts, prompt_len = prompt_ids.shape
+    batch = num_prompts * num_generations
     variables = {"params": params}
     sample = functools.partial(
         sample_tokens,
@@ -181,7 +213,11 @@ def _decode(
     )
     step_keys = lambda step: jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)  # noqa: E731
 
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+    max_length = prompt_len + max_new_tokens
+    # Shared prefill: a prompt's G rows would compute the same keys and values, so compute them
+    # once into a prompt-length cache, then repeat (and pad) it for decoding.
+    shared = num_generations > 1
+    cache = init_cache(model.config, num_prompts, prompt_len if shared else max_length)
     segment_ids = (prompt_mask != 0).astype(jnp.int32)
     # Prefill: only the last position's logits are needed, so the LM head sees one row per prompt.
     hidden, cache = model.apply(
@@ -194,6 +230,9 @@ def _decode(
         output_embedding.astype(hidden.dtype),
         preferred_element_type=jnp.float32,
     )
+    if shared:
+        cache = _repeat_cache(cache, num_generations, max_length)
+        last_logits = jnp.repeat(last_logits, num_generations, axis=0)
     token, logprob = sample(last_logits, step_keys(0))
 
     tokens = jnp.full((batch, max_new_tokens), knobs.pad_id, jnp.int32).at[:, 0].set(token)
@@ -225,10 +264,14 @@ def _decode(
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_decode(model: Any, max_new_tokens: int, filtering: bool):
+def _jitted_decode(model: Any, max_new_tokens: int, filtering: bool, num_generations: int = 1):
     """One jitted decode per (model definition, static fields); jit caches the shapes."""
-    return jax.jit(functools.partial(_decode, model, max_new_tokens, filtering))
+    return _cached_decode(model, max_new_tokens, filtering, num_generations)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_decode(model: Any, max_new_tokens: int, filtering: bool, num_generations: int):
+    return jax.jit(functools.partial(_decode, model, max_new_tokens, filtering, num_generations))
 
 
 def generate(
@@ -240,27 +283,39 @@ def generate(
     rng: Array | None = None,
     config: SamplingConfig,
     row_keys: Array | None = None,
+    num_generations: int = 1,
 ) -> GenerationOutput:
-    """Samples `config.max_new_tokens` tokens after each left-padded prompt.
+    """Samples `config.max_new_tokens` tokens after each left-padded prompt, G times per prompt.
+
+    With `num_generations = G > 1` (GRPO's group of completions per prompt) each prompt is
+    prefilled once and its KV cache repeated to its G rows, which are prompt-major as in TRL and
+    `jnp.repeat(prompts, G, axis=0)`: rows `p·G … p·G + G − 1` continue prompt p. The output
+    equals `generate` on `jnp.repeat(prompt_input_ids, G, axis=0)` with the same row keys, token
+    for token: only the prefill is shared, the decode rows are independent.
 
     Args:
       model: an LM-head `Transformer`; params its weights (sharded or not).
-      prompt_input_ids: `[B, P]` int, left-padded.
-      prompt_attention_mask: `[B, P]`, 0 on padding.
-      rng: a PRNG key; row b samples with `fold_in(rng, b)`, then `fold_in(·, step)`.
-      row_keys: `[B]` explicit per-row keys instead of `rng` (e.g. to reproduce one row alone).
+      prompt_input_ids: `[P, T]` int, left-padded.
+      prompt_attention_mask: `[P, T]`, 0 on padding.
+      rng: a PRNG key; output row b samples with `fold_in(rng, b)`, then `fold_in(·, step)`.
+      row_keys: `[P·G]` explicit per-row keys instead of `rng` (e.g. to reproduce one row alone).
+      num_generations: G, completions per prompt.
     Returns:
-      `GenerationOutput` with `[B, N]` tokens, response_mask, logprobs and `[B]` finished.
+      `GenerationOutput` with `[P·G, N]` tokens, response_mask, logprobs and `[P·G]` finished.
     """
     if model.config.head != "lm":
         raise ValueError(f"generate needs an LM head, got head={model.config.head!r}")
-    batch = prompt_input_ids.shape[0]
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    batch = prompt_input_ids.shape[0] * num_generations
     if row_keys is None:
         if rng is None:
             raise ValueError("generate needs rng or row_keys")
         row_keys = row_keys_from_rng(rng, batch)
+    if row_keys.shape[0] != batch:
+        raise ValueError(f"row_keys has {row_keys.shape[0]} keys for {batch} rows")
     filtering = config.top_k > 0 or config.top_p < 1.0
-    decode = _jitted_decode(model, config.max_new_tokens, filtering)
+    decode = _jitted_decode(model, config.max_new_tokens, filtering, num_generations)
     knobs = _knobs(config, model.config.vocab_size)
     return decode(params, prompt_input_ids, prompt_attention_mask, row_keys, knobs)
 

@@ -2,7 +2,7 @@
 
     python -m jaxalign.train --config=configs/<file>.py[:<arg>] --workdir=DIR [--config.<key>=<value> ...]
 
-`config.algorithm` picks the trainer (sft | reward | dpo | ppo). The config is validated before
+`config.algorithm` picks the trainer (sft | reward | dpo | ppo | grpo). The config is validated before
 anything compiles; re-running with the same --workdir resumes from its latest checkpoint.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 from pathlib import Path
 
 import jax
@@ -17,7 +19,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxalign.config import validate
+from jaxalign.checkpoint import CheckpointError, CheckpointSaveError
+from jaxalign.config import ConfigError, validate
+from jaxalign.data import DataError
 from jaxalign.distributed import maybe_initialize
 
 TRAINERS = {
@@ -25,6 +29,7 @@ TRAINERS = {
     "reward": "jaxalign.trainers.reward",
     "dpo": "jaxalign.trainers.dpo",
     "ppo": "jaxalign.trainers.ppo",
+    "grpo": "jaxalign.trainers.grpo",
 }
 
 
@@ -42,7 +47,17 @@ def main(argv: list[str]) -> None:
     if flags.FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     logging.getLogger().setLevel(logging.INFO)
-    result = run(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        result = run(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (CheckpointError, ConfigError, DataError) as error:
+        # Known, user-fixable problems: one line naming the file, key, step or directory.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        if isinstance(error, CheckpointSaveError):
+            # A failed background save can leave orbax threads that never finish: do not
+            # wait for them at interpreter exit.
+            sys.stdout.flush()
+            os._exit(1)
+        sys.exit(1)
     if jax.process_index() == 0:
         where = f"checkpoints: {result.checkpoint_dir}"
         if result.export_dir is not None:

@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 from jaxalign.demo.corpus import generate_reviews, make_prompts, split_prompt, write_sft_jsonl
+from jaxalign.demo.keyword_task import keyword_prompt_rows
 from jaxalign.demo.tokenizer import train_tokenizer
 from jaxalign.judges import get_judge
 
@@ -54,6 +55,8 @@ def write_tiny_data(out_dir: str | Path, *, seed: int = 0, num_reviews: int = 20
     for name, split_name in (("prompts_train.jsonl", "train"), ("prompts_eval.jsonl", "eval")):
         prompts = make_prompts(256, seed=seed, split=split_name)
         _write_jsonl(out / name, [{"prompt": p} for p in prompts])
+    _write_jsonl(out / "keyword_train.jsonl", keyword_prompt_rows(256, seed=seed, split="train"))
+    _write_jsonl(out / "keyword_eval.jsonl", keyword_prompt_rows(64, seed=seed, split="eval"))
     return out
 
 

@@ -1,8 +1,13 @@
-"""Loss functions: pairwise preference losses (DPO family, Bradley–Terry) and PPO losses."""
+"""Loss functions: pairwise preference losses (DPO family, Bradley–Terry), PPO and GRPO-family
+policy losses."""
 
 from jaxalign.losses.policy_gradient import (
+    GRPO_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
     KL_ESTIMATORS,
+    GRPOLossOutput,
     entropy_from_logits,
+    grpo_policy_loss,
     kl_penalty,
     ppo_policy_loss,
     ppo_value_loss,
@@ -18,10 +23,14 @@ from jaxalign.losses.preference import (
 __all__ = [
     "DPO_LOSS_TYPES",
     "DPO_VARIANT_KWARGS",
+    "GRPO_LOSS_TYPES",
+    "IMPORTANCE_SAMPLING_LEVELS",
     "KL_ESTIMATORS",
+    "GRPOLossOutput",
     "bradley_terry_loss",
     "dpo_loss",
     "entropy_from_logits",
+    "grpo_policy_loss",
     "kl_penalty",
     "ppo_policy_loss",
     "ppo_value_loss",
