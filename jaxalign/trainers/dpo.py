@@ -106,30 +106,24 @@ def precompute_reference_logps(
     every example's values (any process may draw any example in a later epoch).
     """
     logps_fn = jax.jit(lambda p, b: response_logps(model, p, b, chunk_size=chunk_size)[:2])
-    process_count = jax.process_count()
-    local_size = batch_size // process_count
+    # Full batches only: the last one is filled up with the last example (written twice), so
+    # every batch splits over the processes and the mesh and reuses one compilation.
+    num_examples = len(dataset.examples)
+    filler = [dataset.examples[-1]] * (-num_examples % batch_size)
     iterator = BatchIterator(
-        dataset.examples,
+        dataset.examples + filler,
         batch_size=batch_size,
         collate=dataset.collate,
         seed=0,
         shuffle=False,
-        drop_last=False,
         num_epochs=1,
         process_index=jax.process_index(),
-        process_count=process_count,
+        process_count=jax.process_count(),
     )
     for batch in iterator:
-        indices = np.asarray(iterator.last_batch_indices)
-        pad = local_size - len(indices)
-        if pad:  # a short last batch repeats its last row up to the full batch (written twice):
-            # it splits over the mesh and reuses the full batch's compilation.
-            batch = {
-                k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()
-            }
-            indices = np.concatenate([indices, np.repeat(indices[-1:], pad)])
+        indices = np.minimum(iterator.last_batch_indices, num_examples - 1)
         logps = shd.local_rows(logps_fn(ref_params, shd.shard_batch(batch, mesh)), mesh)
-        if process_count > 1:
+        if jax.process_count() > 1:
             indices, *logps = multihost_utils.process_allgather((indices, *logps))
         for index, chosen, rejected in zip(
             np.ravel(indices), np.ravel(logps[0]), np.ravel(logps[1]), strict=True

@@ -260,16 +260,19 @@ def run_training(
         save_every=train_cfg.checkpoint_every,
         keep=train_cfg.keep_checkpoints,
         async_save=train_cfg.async_checkpoint,
+        # Refuses (RunMismatchError) a workdir holding another run's checkpoints, before
+        # config.json or anything else there is overwritten.
+        identity=ckpt.run_identity(config, state),
     )
     config_json = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
     step = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
+    if checkpointer.latest_step() is not None:
         abstract = ckpt.abstract_with_shardings(state, state_shardings)
-        restored = checkpointer.restore(latest, abstract_state=abstract)
+        # The newest checkpoint that verifies (files, finite values); bad ones are set aside.
+        restored = checkpointer.restore(abstract_state=abstract)
         state = restored.state
         train_iterator.load_state_dict(restored.data_state["iterator"])
         if host_state is not None:
