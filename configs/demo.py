@@ -5,8 +5,8 @@
     python -m jaxalign.demo --workdir=runs/demo --config.dpo_betas='(0.1,)'
 
 Stages: corpus + BPE tokenizer → SFT (the reference) → preference pairs sampled from SFT and labelled
-by the VADER judge → reward model → PPO (RM reward) and PPO-GT (judge reward) → DPO for several β →
-evaluation (judge reward vs KL to the reference) → summary.json, report.md, reward_vs_kl.png.
+by the VADER judge → reward model → PPO (RM reward) and PPO-GT (judge reward) → GRPO (judge reward,
+no critic) → DPO for several β → evaluation (judge reward vs KL to the reference) → summary.json, report.md, reward_vs_kl.png.
 """
 
 import ml_collections
@@ -76,6 +76,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.ppo.train.num_steps = 8 if quick else 60
     c.ppo.train.log_every = 2
 
+    # GRPO with the judge as reward: no critic, no reward model; β·KL to the SFT reference.
+    c.grpo = _stage("grpo")
+    c.grpo.grpo.reward_funcs = "judge:vader"
+    c.grpo.grpo.num_generations = 8
+    c.grpo.grpo.max_new_tokens = 24
+    c.grpo.grpo.beta = 0.05
+    c.grpo.optimizer.learning_rate = 2e-4
+    c.grpo.optimizer.schedule = "constant"
+    c.grpo.optimizer.warmup_steps = 2
+    c.grpo.train.batch_size = 16
+    c.grpo.train.num_steps = 8 if quick else 60
+    c.grpo.train.log_every = 2
+
     c.dpo = _stage("dpo")
     c.dpo.optimizer.learning_rate = 1e-4
     c.dpo.train.batch_size = 32
@@ -92,12 +105,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.reward.train.num_steps = 4
         c.ppo.train.num_steps = 2
         c.ppo.train.batch_size = 32
+        c.grpo.train.num_steps = 2
+        c.grpo.train.batch_size = 8
         c.dpo.train.num_steps = 4
         c.dpo.train.batch_size = 16
         c.reward.train.batch_size = 16
         c.preferences.min_score_gap = 0.0
         c.preferences.eval_fraction = 0.25
         c.eval.samples_per_prompt = 1
-        for stage in (c.sft, c.reward, c.ppo, c.dpo):
+        for stage in (c.sft, c.reward, c.ppo, c.grpo, c.dpo):
             stage.optimizer.warmup_steps = 1
     return c

@@ -18,8 +18,8 @@ def get_config(data_dir: str = "/tmp/jaxalign-tiny"):
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 5
     config.train.batch_size = 16
-    config.train.num_steps = 60
-    config.train.log_every = 10
-    config.train.checkpoint_every = 30
+    config.train.num_steps = 400  # enough to write reviews that PPO/GRPO can start from
+    config.train.log_every = 50
+    config.train.checkpoint_every = 200
     config.train.eval_batches = 4
     return config

@@ -14,7 +14,9 @@ standard errors over responses.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.data import DataError, RowStats, load_rows, tokenize_prompt
+from jaxalign.data.sources import DATA_SUFFIXES
 from jaxalign.judges import Judge, get_judge
-from jaxalign.models import Transformer, from_pretrained, load_tokenizer
+from jaxalign.models import (
+    CheckpointError,
+    Transformer,
+    UnsupportedConfigError,
+    from_pretrained,
+    load_tokenizer,
+)
 from jaxalign.sampling import SamplingConfig, generate, left_pad, response_logprobs
 from jaxalign.trainers.pairwise import sequence_scores
+
+logger = logging.getLogger(__name__)
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -37,17 +49,29 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a JSONL file with a `prompt` field per line."""
+    """The `prompt` strings of a JSONL (or JSON / parquet) file, in file order.
+
+    A row that is not UTF-8, not JSON, or whose `prompt` is missing, not a string or blank raises
+    a `DataError` naming `file:line` and the field; a file without prompts raises one naming it.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such prompts file: {path}")
+    if not str(path).endswith(DATA_SUFFIXES):
+        detail = f"expected a {'/'.join(DATA_SUFFIXES)} file of rows with a 'prompt'"
+        raise DataError(str(path), None, "bad_file", detail)
     prompts = []
-    for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            prompts.append(json.loads(line)["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{path}:{line_number}: expected a JSON object with 'prompt': {e}"
-            ) from e
+    for row, where in load_rows(path):
+        prompt = row.get("prompt")
+        if prompt is None:
+            raise DataError(where, "prompt", "missing_field", "required field is missing")
+        if not isinstance(prompt, str):
+            detail = f"expected a string, got {type(prompt).__name__}"
+            raise DataError(where, "prompt", "wrong_type", detail)
+        if not prompt.strip():
+            raise DataError(where, "prompt", "empty_prompt", "prompt is empty")
+        prompts.append(prompt)
+    if not prompts:
+        raise DataError(str(path), None, "no_rows", "no prompts: expected a 'prompt' per line")
     return prompts
 
 
@@ -65,13 +89,33 @@ def sample_and_score(
     batch_size: int = 64,
     prompt_bucket: int = 32,
 ) -> dict[str, list]:
-    """Per-response texts, scores and log π − log π_ref summed over the response."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    out: dict[str, list] = {"prompts": [], "responses": [], "scores": [], "kl": [], "length": []}
+    """Per-response texts, scores and log π − log π_ref summed over the response.
+
+    Each prompt is encoded with BOS and, when longer than `prompt_bucket` tokens, cut from the
+    left keeping BOS (as the training data pipeline does). Besides the texts, the samples hold the
+    token ids that were scored (`prompt_ids`, `response_ids`).
+    """
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    out: dict[str, list] = {
+        "prompts": [],
+        "responses": [],
+        "scores": [],
+        "kl": [],
+        "length": [],
+        "prompt_ids": [],
+        "response_ids": [],
+    }
+    stats = RowStats()  # counts the prompts cut to `prompt_bucket`
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        sequences = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        sequences = [s[-prompt_bucket:] for s in sequences]
+        sequences = []
+        for index, prompt in enumerate(chunk, start=start):
+            row, where = {"prompt": prompt}, f"prompt {index}"
+            encoded = tokenize_prompt(
+                row, tokenizer, max_prompt_length=prompt_bucket, where=where, stats=stats
+            )
+            sequences.append(encoded["prompt_ids"].tolist())
         ids, mask = left_pad(sequences, prompt_bucket, sampling.pad_token_id)
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         gen = generate(
@@ -102,6 +146,17 @@ def sample_and_score(
         out["scores"] += [float(s) for s in scores]
         out["kl"] += [float(k) for k in kl]
         out["length"] += [int(n) for n in response_mask.sum(-1)]
+        out["prompt_ids"] += sequences
+        out["response_ids"] += [
+            row[keep != 0].tolist() for row, keep in zip(tokens, response_mask, strict=True)
+        ]
+    if stats.truncated:
+        logger.warning(
+            "%d of %d prompts were longer than %d tokens; their start was cut (BOS kept)",
+            stats.truncated["prompt"],
+            len(prompts),
+            prompt_bucket,
+        )
     return out
 
 
@@ -140,12 +195,20 @@ def evaluate_checkpoint(
     reward_model_dir: str = "",
     samples_per_prompt: int = 1,
     max_new_tokens: int = 32,
+    max_prompt_length: int = 32,
     seed: int = 0,
     batch_size: int = 64,
+    samples_out: str | Path = "",
 ) -> dict[str, Any]:
-    """Loads the checkpoints (and tokenizer from `policy_dir`) and returns `summarize(...)`."""
+    """Loads the checkpoints (and tokenizer from `policy_dir`) and returns `summarize(...)`.
+
+    `samples_out`, when given, receives one JSON line per response: its prompt, response, score,
+    KL and the token ids that were scored.
+    """
     if bool(judge_name) == bool(reward_model_dir):
         raise ValueError("give exactly one of --judge or --reward_model")
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
     policy, policy_params = from_pretrained(policy_dir)
     _, ref_params = from_pretrained(reference_dir)
     tokenizer = load_tokenizer(policy_dir)
@@ -167,11 +230,25 @@ def evaluate_checkpoint(
         judge=get_judge(judge_name) if judge_name else None,
         reward_model=reward_model,
         batch_size=batch_size,
+        prompt_bucket=max_prompt_length,
     )
+    if samples_out:
+        keys = ("prompts", "responses", "scores", "kl", "prompt_ids", "response_ids")
+        names = ("prompt", "response", "score", "kl", "prompt_ids", "response_ids")
+        lines = (
+            json.dumps(dict(zip(names, values, strict=True)))
+            for values in zip(*(samples[k] for k in keys), strict=True)
+        )
+        Path(samples_out).write_text("".join(line + "\n" for line in lines))
     return summarize(samples)
 
 
-def main() -> None:
+# Input faults the command line reports as one line (no traceback): bad prompt rows, unreadable
+# or unsupported checkpoints, missing files.
+_INPUT_ERRORS = (DataError, CheckpointError, UnsupportedConfigError, FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -182,19 +259,34 @@ def main() -> None:
     parser.add_argument("--reward_model", default="", help="HF directory of a reward model")
     parser.add_argument("--samples_per_prompt", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument(
+        "--max_prompt_length",
+        type=int,
+        default=32,
+        help="longer prompts lose their start (BOS kept)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="write the summary JSON here")
-    args = parser.parse_args()
-    summary = evaluate_checkpoint(
-        args.policy,
-        args.reference,
-        read_prompts(args.prompts),
-        judge_name=args.judge,
-        reward_model_dir=args.reward_model,
-        samples_per_prompt=args.samples_per_prompt,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
+    parser.add_argument("--samples_out", default="", help="write every response as JSONL here")
+    args = parser.parse_args(argv)
+    if bool(args.judge) == bool(args.reward_model):
+        parser.error("give exactly one of --judge or --reward_model")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = evaluate_checkpoint(
+            args.policy,
+            args.reference,
+            read_prompts(args.prompts),
+            judge_name=args.judge,
+            reward_model_dir=args.reward_model,
+            samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens,
+            max_prompt_length=args.max_prompt_length,
+            seed=args.seed,
+            samples_out=args.samples_out,
+        )
+    except _INPUT_ERRORS as e:
+        sys.exit(f"jaxalign.evaluate: error: {e}")
     text = json.dumps(summary, indent=2)
     if args.out:
         Path(args.out).write_text(text)

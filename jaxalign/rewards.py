@@ -29,6 +29,7 @@ import functools
 import importlib
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -85,6 +86,9 @@ def _import_callable(spec: str) -> Callable[..., Any]:
     return target
 
 
+_PYTHON_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
 def parse_reward_spec(spec: str, weight: float = 1.0) -> RewardFunction:
     """One `RewardFunction` from `module:function`, `judge:NAME` or a reward-model path."""
     spec = spec.strip()
@@ -101,7 +105,7 @@ def parse_reward_spec(spec: str, weight: float = 1.0) -> RewardFunction:
             fn=get_judge(judge_name),
             spec=spec,
         )
-    if ":" in spec:
+    if _PYTHON_SPEC.fullmatch(spec):  # not `gs://bucket/rm` or `C:\\rm`: those are model paths
         fn = _import_callable(spec)
         return RewardFunction(
             name=_callable_name(fn), kind="python", weight=weight, fn=fn, spec=spec

@@ -36,10 +36,11 @@ def test_demo_pipeline_outputs(tmp_path):
         "reward_model",
         "ppo_rm",
         "ppo_gt",
+        "grpo",
         "dpo",
         "evaluation",
     }
-    assert {"SFT", "PPO (reward model)", "PPO-GT (judge)", "DPO β=0.1"} <= summary[
+    assert {"SFT", "PPO (reward model)", "PPO-GT (judge)", "GRPO (judge)", "DPO β=0.1"} <= summary[
         "policies"
     ].keys()
     for stats in summary["policies"].values():

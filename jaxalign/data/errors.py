@@ -1,10 +1,11 @@
 """Bad-row errors and the counters every dataset builder fills.
 
-A row is *bad* when it cannot be used as written (not JSON, a missing or mistyped field, an empty
-completion, a prompt that leaves no room for a response). Bad rows follow the `on_bad_row` policy:
-`"error"` raises `DataError` naming `file:line` and the field, `"skip"` counts them per reason and
-logs a summary. A row is *dropped* when it is well formed but useless for training (a preference
-pair whose responses are identical, or an empty response); drops are counted under either policy.
+A row is *bad* when it cannot be used as written (not UTF-8, not JSON, a missing or mistyped
+field, an empty completion, a prompt that leaves no room for a response). Bad rows follow the
+`on_bad_row` policy: `"error"` raises `DataError` naming `file:line` and the field, `"skip"` counts
+them per reason and logs a summary. A row is *dropped* when it is well formed but useless for
+training (a preference pair whose responses are identical, or an empty response); drops are
+counted under either policy.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ def load_rows(
         in-memory `datasets.Dataset`/`DatasetDict`; or a hub dataset name for
         `datasets.load_dataset`.
       split: the split of a directory, `DatasetDict` or hub dataset; ignored for single files.
-      stats: when given, every row read is counted and unreadable rows (a JSONL line that is not a
-        JSON object) go through `stats.bad_row`, i.e. the `on_bad_row` policy; without it they
+      stats: when given, every row read is counted and unreadable rows (a line or JSON-array row that
+        is not UTF-8, a JSONL line that is not a JSON object) go through `stats.bad_row`, i.e. the `on_bad_row` policy; without it they
         raise `DataError`.
     """
     stats = stats if stats is not None else RowStats("error")
@@ -90,12 +90,19 @@ def _iter_file(path: str) -> Iterator[tuple[Row | DataError, str]]:
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[Row | DataError, str]]:
-    # Line by line (never through `datasets`) so every row keeps its exact line number.
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    # Line by line (never through `datasets`) so every row keeps its exact line number. Lines are
+    # split on b"\n" and decoded one at a time, so a line that is not UTF-8 is one bad row.
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                # A byte-order mark may open the file (utf-8-sig strips it); nowhere else.
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield _not_utf8(where, e), where
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -108,10 +115,22 @@ def _iter_jsonl(path: str) -> Iterator[tuple[Row | DataError, str]]:
             yield row, where
 
 
+def _not_utf8(where: str, error: UnicodeDecodeError) -> DataError:
+    bad = error.object[error.start : error.end]
+    detail = f"line is not valid UTF-8 (byte {bad!r} at column {error.start + 1})"
+    return DataError(where, None, "not_utf8", detail)
+
+
 def _iter_json(path: str) -> Iterator[tuple[Row | DataError, str]]:
-    """A JSON array of objects, `{"key": [objects]}`, or (as `datasets` allows) JSON Lines."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    """A JSON array of objects, `{"key": [objects]}`, or (as `datasets` allows) JSON Lines.
+
+    Bytes that are not UTF-8 are decoded with `surrogateescape` (one lone surrogate per bad byte),
+    so the array still parses and only the rows whose strings hold such bytes are bad rows, each
+    named by its index and the line of its first bad byte.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -124,13 +143,40 @@ def _iter_json(path: str) -> Iterator[tuple[Row | DataError, str]]:
         data = lists[0]
     if not isinstance(data, list):
         raise DataError(path, None, "bad_file", "expected a JSON array of row objects")
-    for index, row in enumerate(data):
+    # The lines of the undecodable bytes, in file order, and how many each row holds: when every
+    # lone surrogate is such a byte (none came from a `\udcxx` escape), row i's first bad byte is
+    # bad_lines[sum(counts[:i])].
+    bad_lines = [text.count("\n", 0, m.start()) + 1 for m in _LONE_SURROGATE.finditer(text)]
+    counts = [_count_lone_surrogates(row) for row in data]
+    lines_known = sum(counts) == len(bad_lines)
+    bad_seen = 0
+    for index, (row, num_bad) in enumerate(zip(data, counts, strict=True)):
         where = f"{path}:row {index}"
+        first_bad, bad_seen = bad_seen, bad_seen + num_bad
         if not isinstance(row, dict):
             detail = f"expected a JSON object, got {type(row).__name__}"
             yield DataError(where, None, "not_object", detail), where
             continue
+        if num_bad:
+            line = f" at line {bad_lines[first_bad]}" if lines_known else ""
+            detail = f"row is not valid UTF-8 (undecodable byte{line})"
+            yield DataError(where, None, "not_utf8", detail), where
+            continue
         yield row, where
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _count_lone_surrogates(value: Any) -> int:
+    """Lone surrogates in the strings (keys included) of a parsed JSON value."""
+    if isinstance(value, str):
+        return len(_LONE_SURROGATE.findall(value))
+    if isinstance(value, dict):
+        return sum(_count_lone_surrogates(k) + _count_lone_surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_count_lone_surrogates(v) for v in value)
+    return 0
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[Row, str]]:

@@ -274,6 +274,13 @@ def run_demo(demo: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
             ppo__critic_init="policy",
             **ppo_common,
         ).export_dir
+    with _timed("grpo", stage_seconds):
+        policies["GRPO (judge)"] = _run_stage(
+            "GRPO with the ground-truth judge (no critic)",
+            demo.grpo,
+            workdir / "grpo",
+            **ppo_common,
+        ).export_dir
     for beta in demo.dpo_betas:
         with _timed("dpo", stage_seconds):
             policies[f"DPO β={beta}"] = _run_stage(

@@ -15,12 +15,15 @@ Every architecture jaxalign supports is the same pre-norm decoder with switches:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 HEAD_TYPES = ("lm", "scalar")
+
+logger = logging.getLogger(__name__)
 
 
 class UnsupportedConfigError(ValueError):
@@ -97,6 +100,12 @@ class ModelConfig:
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
+    @property
+    def rope_attention_factor(self) -> float:
+        """The factor on RoPE's cos and sin (YaRN's mscale; 1 otherwise): attention logits q·k
+        scale by its square."""
+        return float(dict(self.rope_scaling or ()).get("attention_factor", 1.0))
+
     def num_params(self) -> int:
         """Parameter count from shapes alone (matches the HF model's count)."""
         e, f, h, kv, d = (
@@ -136,12 +145,50 @@ def _get(hf: dict[str, Any], *names: str, default: Any = None) -> Any:
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
-    """Reads RoPE settings from either the v5 `rope_parameters` or the v4 `rope_theta`/`rope_scaling`."""
+    """Reads RoPE settings with the precedence of `transformers` 5 (`RotaryEmbeddingConfigMixin`).
+
+    1. A non-empty legacy `rope_scaling` replaces `rope_parameters` whole (no merge).
+    2. `rope_theta` from that dict, else the top-level `rope_theta`, else 10000.
+    3. `rope_type` from that dict, else its legacy `type`, else "default".
+    4. llama3/yarn: a top-level `original_max_position_embeddings` overrides the dict's; without
+       either it is `max_position_embeddings`.
+    Where rule 1 would silently drop a `rope_theta` given only in `rope_parameters`, this refuses
+    instead (`transformers` would run the model at the wrong base).
+    """
     params = dict(hf.get("rope_parameters") or {})
-    legacy_scaling = hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = {**legacy_scaling, **{k: v for k, v in params.items() if k != "rope_theta"}}
-    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    legacy = dict(hf.get("rope_scaling") or {})
+    scaling = legacy or params
+    top_theta = hf.get("rope_theta")
+    theta = float(_get(scaling, "rope_theta", default=top_theta or 10000.0))
+    if legacy and params and legacy != params:
+        dropped_theta = params.get("rope_theta")
+        if dropped_theta is not None and float(dropped_theta) != theta:
+            raise UnsupportedConfigError(
+                f"config.json has rope_parameters={params} and a legacy rope_scaling={legacy}; "
+                f"transformers uses rope_scaling alone, at rope_theta={theta:g} instead of "
+                f"rope_parameters' {float(dropped_theta):g}. Keep one of the two (with its "
+                "rope_theta) in config.json."
+            )
+        logger.warning(
+            "config.json has both rope_parameters=%s and a legacy rope_scaling=%s; as in "
+            "transformers, rope_scaling wins",
+            params,
+            legacy,
+        )
+    if scaling.get("partial_rotary_factor") not in (None, 1, 1.0):
+        raise UnsupportedConfigError(
+            f"rope partial_rotary_factor={scaling['partial_rotary_factor']!r} is not supported"
+        )
+    scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if rope_type in ("llama3", "yarn"):
+        original = hf.get("original_max_position_embeddings") or scaling.get(
+            "original_max_position_embeddings"
+        )
+        scaling["original_max_position_embeddings"] = int(
+            original or hf.get("max_position_embeddings", 2048)
+        )
     if rope_type == "default":
         return theta, None
     if rope_type == "linear":
@@ -154,9 +201,46 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...
         return theta, tuple(
             sorted([(k, float(scaling[k])) for k in keys] + [("rope_type", "llama3")])
         )
+    if rope_type == "yarn":
+        return theta, _yarn_from_hf(scaling, int(hf.get("max_position_embeddings", 2048)))
     raise UnsupportedConfigError(
-        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3)"
+        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3, "
+        "yarn)"
     )
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_from_hf(
+    scaling: dict[str, Any], max_position_embeddings: int
+) -> tuple[tuple[str, Any], ...]:
+    """YaRN's fields with `transformers`' defaults filled in and its attention factor resolved.
+
+    attention_factor, unless given, is mscale(s) = 0.1·ln(s) + 1 for the factor s, or
+    mscale(s, mscale) / mscale(s, mscale_all_dim) when both of those are set (DeepSeek's form).
+    """
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor")
+    factor = float(max_position_embeddings / original if factor is None else factor)
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    fields = {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "attention_factor": float(attention_factor),
+        "beta_fast": float(scaling.get("beta_fast") or 32),  # `or`: 0 and None mean the default
+        "beta_slow": float(scaling.get("beta_slow") or 1),
+        "truncate": bool(scaling.get("truncate", True)),
+    }
+    return tuple(sorted(fields.items()))
 
 
 def _check_unsupported(hf: dict[str, Any], model_type: str) -> None:
@@ -343,3 +427,30 @@ def llama_scaled_inv_freq(inv_freq: Any, scaling: dict[str, Any], xp: Any) -> An
     scaled = xp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
     is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
     return xp.where(is_medium, smoothed, scaled)
+
+
+def yarn_scaled_inv_freq(inv_freq: Any, scaling: dict[str, Any], theta: float, xp: Any) -> Any:
+    """YaRN frequencies (Peng et al. 2023, "YaRN", §3.2 "NTK-by-parts"), as `transformers` has them.
+
+    With base θ, D = head_dim and L = original_max_position_embeddings, the band d (of D/2) whose
+    frequency ω_d = θ^(−2d/D) makes r rotations over L is d(r) = D·ln(L / (2πr)) / (2 ln θ).
+    Bands below lo = ⌊d(β_fast)⌋ keep their frequency (extrapolation), bands above
+    hi = ⌈d(β_slow)⌉ are divided by the factor s (interpolation), and a linear ramp
+    γ_d = clip((d − lo) / (hi − lo), 0, 1) mixes the two: ω'_d = ω_d·(1 − γ_d) + (ω_d / s)·γ_d.
+    `truncate=False` skips the floor/ceil.
+    """
+    dim = 2 * inv_freq.shape[-1]
+    factor = scaling["factor"]
+    original = scaling["original_max_position_embeddings"]
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling["beta_fast"]), correction_dim(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid dividing by zero
+    ramp = xp.clip((xp.arange(dim // 2, dtype=xp.float32) - low) / (high - low), 0, 1)
+    return inv_freq * (1 - ramp) + (inv_freq / factor) * ramp

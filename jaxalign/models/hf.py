@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxalign.models.config import ModelConfig, from_hf_config, to_hf_config
@@ -220,8 +220,11 @@ def weight_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index or the single `model.safetensors`."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: directory / file for name, file in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from e
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -235,9 +238,19 @@ def weight_files(directory: Path) -> dict[str, Path]:
         raise CheckpointError(f"{directory} has no *.safetensors weights")
     names: dict[str, Path] = {}
     for file in files:
-        with safe_open(file, framework="np") as f:
+        with open_safetensors(file) as f:
             names.update(dict.fromkeys(f.keys(), file))
     return names
+
+
+def open_safetensors(file: Path) -> Any:
+    """`safe_open(file)`; an empty, truncated or corrupt-header file raises a `CheckpointError`
+    that names it (safetensors' own error does not)."""
+    try:
+        return safe_open(file, framework="np")
+    except (SafetensorError, OSError) as e:
+        size = f"{file.stat().st_size} bytes" if file.is_file() else "missing"
+        raise CheckpointError(f"{file}: not a readable safetensors file ({size}): {e}") from e
 
 
 class _TensorReader:
@@ -252,8 +265,11 @@ class _TensorReader:
         if file not in self._handles:
             if not file.is_file():
                 raise CheckpointError(f"{file} (listed in the index for {name}) does not exist")
-            self._handles[file] = safe_open(file, framework="np")
-        return self._handles[file].get_tensor(name)
+            self._handles[file] = open_safetensors(file)
+        try:
+            return self._handles[file].get_tensor(name)
+        except (SafetensorError, OSError, TypeError) as e:  # TypeError: a dtype numpy lacks
+            raise CheckpointError(f"{file}: cannot read tensor {name}: {e}") from e
 
 
 def _strip_prefix_aliases(files: dict[str, Path], expected: set[str]) -> dict[str, Path]:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models.config import ModelConfig, llama_scaled_inv_freq
+from jaxalign.models.config import ModelConfig, llama_scaled_inv_freq, yarn_scaled_inv_freq
 
 Array = jax.Array
 
@@ -129,17 +129,24 @@ def rope_inv_freq(config: ModelConfig) -> Array:
         inv_freq = llama_scaled_inv_freq(inv_freq, scaling, jnp)
     elif scaling and scaling["rope_type"] == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif scaling and scaling["rope_type"] == "yarn":
+        inv_freq = yarn_scaled_inv_freq(inv_freq, scaling, config.rope_theta, jnp)
     return inv_freq
 
 
-def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+def rope_tables(
+    positions: Array, inv_freq: Array, attention_factor: float = 1.0
+) -> tuple[Array, Array]:
     """`(cos, sin)`, each `[B, T, 1, D]`, for `apply_rope`; computed once per forward.
 
     With angles a = position·θ_i (i < D/2): cos = [cos a, cos a] and sin = [−sin a, sin a], so that
-    rotating is `x·cos + swap_halves(x)·sin`.
+    rotating is `x·cos + swap_halves(x)·sin`. Both are multiplied by `attention_factor` (YaRN's
+    mscale; q and k are both rotated, so attention logits scale by its square).
     """
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
     return (
         jnp.concatenate([cos, cos], axis=-1)[:, :, None, :],
         jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :],
@@ -462,7 +469,7 @@ class Transformer(nn.Module):
         )
         rope = None
         if c.position_embedding == "rope":
-            rope = rope_tables(positions, rope_inv_freq(c))
+            rope = rope_tables(positions, rope_inv_freq(c), c.rope_attention_factor)
 
         if c.scan_layers:
             layer_caches = None if cache is None else (cache.keys, cache.values)

@@ -18,6 +18,7 @@ engine's; metrics carry TRL's names (`reward`, `reward_std`, `rewards/<f>/mean`,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from jaxalign.models import Transformer, sequence_token_logprobs
 from jaxalign.optim import make_optimizer
 from jaxalign.trainers import common, engine
 from jaxalign.trainers.pairwise import sequence_scores
-from jaxalign.trainers.setup import load_model, load_reference, setup_run
+from jaxalign.trainers.setup import RunSetup, load_model, load_reference, setup_run
 
 logger = logging.getLogger(__name__)
 
@@ -125,145 +126,138 @@ def rollout_logprobs(
     return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
-    grpo_cfg, train_cfg = config.grpo, config.train
-    setup = setup_run(config)
-    policy, tokenizer, mesh = setup.model, setup.tokenizer, setup.mesh
-    group_size = grpo_cfg.num_generations
-    accum = config.optimizer.grad_accum_steps
-    chunk_size = config.model.logits_chunk_size or None
+@dataclasses.dataclass
+class GRPOIteration:
+    """`(state, prompt batch) -> (state, metrics)`: sample G per prompt → rewards → group
+    advantages (→ DAPO dynamic sampling) → `grpo.num_iterations` clipped updates."""
 
-    # β = 0: no reference params exist at all (not even a copy).
-    ref_params = (
-        load_reference(config, setup, grpo_cfg.reference_name_or_path) if grpo_cfg.beta else None
-    )
-    reward_funcs = rewards.parse_reward_funcs(grpo_cfg.reward_funcs, grpo_cfg.reward_weights)
-    reward_models = {
-        func.name: load_model(
-            config.model, mesh, setup.rules, name_or_path=func.path, head="scalar", seed=config.seed
-        )[:2]
-        for func in reward_funcs
-        if func.kind == "model"
-    }
-    prompts = common.prompt_dataset(config, tokenizer)
-    iterator = common.train_iterator(prompts, config)
-    sampling = rl.sampling_config(grpo_cfg, tokenizer)
+    config: ml_collections.ConfigDict
+    setup: RunSetup
+    ref_params: Any  # None when β = 0
+    reward_funcs: list[rewards.RewardFunction]
+    reward_models: dict[str, tuple[Transformer, Any]]  # name -> (scalar-head model, params)
+    prompts: Any  # the prompt dataset (rows and their extra columns for the reward functions)
+    iterator: Any  # its batch iterator (which rows the current batch holds)
+    update_step: Any  # jitted engine train step of `grpo_loss_fn`
 
-    tx, schedule = make_optimizer(
-        config.optimizer, total_steps=train_cfg.num_steps * grpo_cfg.num_iterations
-    )
-    state, state_shardings = engine.create_train_state(
-        setup.params, setup.param_shardings, policy, tx, mesh, setup.rules, seed=config.seed
-    )
-    update_step = engine.jit_train_step(
-        engine.make_train_step(
-            grpo_loss_fn(policy, grpo_cfg, chunk_size=chunk_size),
-            tx,
-            grad_accum_steps=accum,
-            schedule=schedule,
-        ),
-        state_shardings,
-        mesh,
-        None,
-    )
-    logprobs_fn = jax.jit(
-        rl.microbatched(
-            lambda params, ref, prompt_len, seqs: rollout_logprobs(
-                policy,
-                params,
-                ref,
-                prompt_len,
-                seqs,
-                temperature=grpo_cfg.temperature,
-                chunk_size=chunk_size,
+    def __post_init__(self) -> None:
+        cfg, policy = self.config.grpo, self.setup.model
+        accum = self.config.optimizer.grad_accum_steps
+        chunk_size = self.config.model.logits_chunk_size or None
+        group_size = cfg.num_generations
+        self.sampling = rl.sampling_config(cfg, self.setup.tokenizer)
+        self.logprobs_fn = jax.jit(
+            rl.microbatched(
+                lambda params, ref, prompt_len, seqs: rollout_logprobs(
+                    policy,
+                    params,
+                    ref,
+                    prompt_len,
+                    seqs,
+                    temperature=cfg.temperature,
+                    chunk_size=chunk_size,
+                ),
+                accum,
             ),
-            accum,
-        ),
-        static_argnums=(2,),
-    )
-    reward_model_fns = {
-        name: jax.jit(
-            rl.microbatched(lambda p, seqs, model=model: sequence_scores(model, p, *seqs), accum)
+            static_argnums=(2,),
         )
-        for name, (model, _) in reward_models.items()
-    }
-    advantage_fn = jax.jit(
-        lambda r: adv.grpo_advantages(
-            r,
-            group_size,
-            estimator=grpo_cfg.advantage_estimator,
-            scale_rewards=grpo_cfg.scale_rewards,
+        self.reward_model_fns = {
+            name: jax.jit(
+                rl.microbatched(lambda p, seqs, m=model: sequence_scores(m, p, *seqs), accum)
+            )
+            for name, (model, _) in self.reward_models.items()
+        }
+        self.advantage_fn = jax.jit(
+            lambda r: adv.grpo_advantages(
+                r, group_size, estimator=cfg.advantage_estimator, scale_rewards=cfg.scale_rewards
+            )
         )
-    )
-    equal_groups_fn = jax.jit(lambda r: adv.groups_with_equal_rewards(r, group_size))
-    base_rng = jax.random.PRNGKey(config.seed)
+        self.equal_groups_fn = jax.jit(lambda r: adv.groups_with_equal_rewards(r, group_size))
 
-    def sample_and_score(state: engine.TrainState, local_prompts: dict[str, np.ndarray], key):
-        """One prompt batch → (rollout, local host rewards `[r]`, local per-function `[r, F]`)."""
+    def sample_and_score(self, state: engine.TrainState, local_prompts, key):
+        """One prompt batch → (rollout, this process's rewards `[r]`, per function `[r, F]`)."""
+        mesh, group_size = self.setup.mesh, self.config.grpo.num_generations
         rollout = rl.sample_rollout(
-            policy,
+            self.setup.model,
             state.params,
             shd.shard_batch(local_prompts, mesh),
             rng=key,
-            sampling=sampling,
+            sampling=self.sampling,
             num_generations=group_size,
         )
-        completions, completion_ids = rl.local_responses(tokenizer, rollout, mesh)
-        rows = [prompts.rows[i] for i in iterator.last_batch_indices for _ in range(group_size)]
+        completions, completion_ids = rl.local_responses(self.setup.tokenizer, rollout, mesh)
+        rows = [
+            self.prompts.rows[i]
+            for i in self.iterator.last_batch_indices
+            for _ in range(group_size)
+        ]
+        sequences = (rollout.input_ids, rollout.attention_mask)
         model_scores = {
-            name: shd.local_rows(
-                fn(reward_models[name][1], (rollout.input_ids, rollout.attention_mask)), mesh
-            )
-            for name, fn in reward_model_fns.items()
+            name: shd.local_rows(fn(self.reward_models[name][1], sequences), mesh)
+            for name, fn in self.reward_model_fns.items()
         }
         total, per_func = rewards.score_completions(
-            reward_funcs,
-            rows,
-            completions,
-            completion_ids,
-            model_scores=model_scores,
+            self.reward_funcs, rows, completions, completion_ids, model_scores=model_scores
         )
         return rollout, total, per_func
 
-    def iteration(state: engine.TrainState, local_prompts: dict[str, np.ndarray]):
-        index = int(jax.device_get(state.step)) // grpo_cfg.num_iterations
-        key = jax.random.fold_in(base_rng, index)
+    def refill(self, state, rollout, local_rewards, key, dropped: int):
+        """DAPO dynamic sampling: sample up to `max_refill_batches` more prompt batches and put
+        groups with reward variance in place of all-equal ones (per process, fixed shapes)."""
+        mesh, refills = self.setup.mesh, 0
+        pool = [(rollout, local_rewards)]
+        while dropped and refills < self.config.grpo.max_refill_batches:
+            refills += 1
+            local_prompts = next(self.iterator)
+            extra, extra_rewards, _ = self.sample_and_score(
+                state, local_prompts, jax.random.fold_in(key, refills)
+            )
+            pool.append((extra, extra_rewards))
+            dropped = int(self.equal_groups_fn(shd.global_from_local(extra_rewards, mesh)).sum())
+        if refills == 0:
+            return rollout, local_rewards, 0
+        group_size = self.config.grpo.num_generations
+        return (*select_varied_groups(pool, group_size, mesh), refills)
+
+    def __call__(self, state: engine.TrainState, local_prompts: dict[str, np.ndarray]):
+        cfg, mesh = self.config.grpo, self.setup.mesh
+        index = int(jax.device_get(state.step)) // cfg.num_iterations
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), index)
         t0 = time.perf_counter()
-        rollout, local_rewards, per_func = sample_and_score(state, local_prompts, key)
-        first_rewards = local_rewards
-        equal = equal_groups_fn(shd.global_from_local(local_rewards, mesh))
-        dropped = int(equal.sum())
+        rollout, local_rewards, per_func = self.sample_and_score(state, local_prompts, key)
+        sampled_rewards = local_rewards
+        dropped = int(self.equal_groups_fn(shd.global_from_local(local_rewards, mesh)).sum())
         refills = 0
-        if grpo_cfg.dynamic_sampling:
-            rollout, local_rewards, refills = refill_groups(
-                state, rollout, local_rewards, key, sample_and_score, dropped
+        if cfg.dynamic_sampling:
+            rollout, local_rewards, refills = self.refill(
+                state, rollout, local_rewards, key, dropped
             )
         t_rollout = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         reward = shd.global_from_local(local_rewards, mesh)
         loss_mask = rollout.response_mask
-        if grpo_cfg.mask_truncated_completions:
+        if cfg.mask_truncated_completions:
             loss_mask = loss_mask * rollout.finished[:, None]
-        if grpo_cfg.dynamic_sampling:
-            keep = ~jnp.repeat(equal_groups_fn(reward), group_size)
+        if cfg.dynamic_sampling:
+            keep = ~jnp.repeat(self.equal_groups_fn(reward), cfg.num_generations)
             loss_mask = loss_mask * keep[:, None]
-        sequences = (rollout.input_ids, rollout.attention_mask)
+        old_policy = state.params if cfg.num_iterations > 1 else None
         batch = {
             "input_ids": rollout.input_ids,
             "attention_mask": rollout.attention_mask,
             "loss_mask": loss_mask,
-            "advantages": advantage_fn(reward),
-            **logprobs_fn(
-                state.params if grpo_cfg.num_iterations > 1 else None,
-                ref_params,
+            "advantages": self.advantage_fn(reward),
+            **self.logprobs_fn(
+                old_policy,
+                self.ref_params,
                 rollout.prompt_len,
-                sequences,
+                (rollout.input_ids, rollout.attention_mask),
             ),
         }
         update_metrics = []
-        for _ in range(grpo_cfg.num_iterations):
-            state, metrics = update_step(state, batch, None)
+        for _ in range(cfg.num_iterations):
+            state, metrics = self.update_step(state, batch, None)
             update_metrics.append(metrics)
         jax.block_until_ready(state.step)
         t_update = time.perf_counter() - t1
@@ -272,52 +266,84 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         metrics = {k: float(np.mean([m[k] for m in updates])) for k in updates[0]}
         lengths = rollout.response_mask.sum(-1)
         generated = float(lengths.sum())
-        all_rewards, all_per_func = _gather_rows((first_rewards, per_func))
+        all_rewards, all_per_func = _gather_rows((sampled_rewards, per_func))
         metrics.update(
             {
-                **rewards.reward_metrics(reward_funcs, all_rewards, all_per_func),
-                "frac_reward_zero_std": dropped / (len(all_rewards) // group_size),
+                **rewards.reward_metrics(self.reward_funcs, all_rewards, all_per_func),
+                "frac_reward_zero_std": dropped / (len(all_rewards) // cfg.num_generations),
                 "completions/mean_length": float(lengths.mean()),
                 "completions/clipped_ratio": float(1.0 - rollout.finished.mean()),
                 "time/rollout_s": t_rollout,
                 "time/update_s": t_update,
                 "rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
                 "update_tokens_per_s": float((rollout.attention_mask != 0).sum())
-                * grpo_cfg.num_iterations
+                * cfg.num_iterations
                 / max(t_update, 1e-9),
             }
         )
-        if grpo_cfg.dynamic_sampling:
+        if cfg.dynamic_sampling:
             metrics["dynamic_sampling/dropped_groups"] = dropped
             metrics["dynamic_sampling/refill_batches"] = refills
         return state, metrics
 
-    def refill_groups(state, rollout, local_rewards, key, sample_and_score, dropped):
-        """DAPO dynamic sampling: sample up to `max_refill_batches` more prompt batches and put
-        groups with reward variance in place of all-equal ones (per process, fixed shapes)."""
-        refills = 0
-        pool = [(rollout, local_rewards)]
-        while dropped and refills < grpo_cfg.max_refill_batches:
-            refills += 1
-            local_prompts = next(iterator)
-            extra, extra_rewards, _ = sample_and_score(
-                state, local_prompts, jax.random.fold_in(key, refills)
-            )
-            pool.append((extra, extra_rewards))
-            dropped = int(equal_groups_fn(shd.global_from_local(extra_rewards, mesh)).sum())
-        if refills == 0:
-            return rollout, local_rewards, 0
-        return (*select_varied_groups(pool, group_size, mesh), refills)
 
+def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
+    grpo_cfg = config.grpo
+    setup = setup_run(config)
+    # β = 0: no reference params exist at all (not even a copy).
+    ref_params = (
+        load_reference(config, setup, grpo_cfg.reference_name_or_path) if grpo_cfg.beta else None
+    )
+    reward_funcs = rewards.parse_reward_funcs(grpo_cfg.reward_funcs, grpo_cfg.reward_weights)
+    reward_models = {
+        func.name: load_model(
+            config.model,
+            setup.mesh,
+            setup.rules,
+            name_or_path=func.path,
+            head="scalar",
+            seed=config.seed,
+        )[:2]
+        for func in reward_funcs
+        if func.kind == "model"
+    }
+    prompts = common.prompt_dataset(config, setup.tokenizer)
+    iterator = common.train_iterator(prompts, config)
+
+    updates = config.train.num_steps * grpo_cfg.num_iterations
+    tx, schedule = make_optimizer(config.optimizer, total_steps=updates)
+    state, state_shardings = engine.create_train_state(
+        setup.params,
+        setup.param_shardings,
+        setup.model,
+        tx,
+        setup.mesh,
+        setup.rules,
+        seed=config.seed,
+    )
+    loss_fn = grpo_loss_fn(setup.model, grpo_cfg, chunk_size=config.model.logits_chunk_size or None)
+    step = engine.make_train_step(
+        loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
+    )
+    iteration = GRPOIteration(
+        config=config,
+        setup=setup,
+        ref_params=ref_params,
+        reward_funcs=reward_funcs,
+        reward_models=reward_models,
+        prompts=prompts,
+        iterator=iterator,
+        update_step=engine.jit_train_step(step, state_shardings, setup.mesh, None),
+    )
     return engine.run_training(
         config=config,
         workdir=workdir,
-        mesh=mesh,
+        mesh=setup.mesh,
         state=state,
         state_shardings=state_shardings,
         train_iterator=iterator,
         iteration=iteration,
-        export=common.exporter(policy, tokenizer),
+        export=common.exporter(setup.model, setup.tokenizer),
     )
 
 

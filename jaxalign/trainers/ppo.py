@@ -1,7 +1,8 @@
 """RLHF with PPO: maximise r(x, y) − β·KL(π ‖ π_ref) (Ziegler et al. 2019; Ouyang et al. 2022).
 
 Four models, one module family: the policy (trained), the reference (frozen copy), the reward model
-(frozen scalar head, or a Python judge `judge:<name>`) and the critic (scalar head, trained,
+(frozen scalar head; or, scored on the host, a judge `judge:<name>` or a Python reward function
+`module:function` in TRL's signature, as GRPO takes them) and the critic (scalar head, trained,
 initialised from the reward model or the policy). One iteration:
 
   1. sample responses for a batch of prompts (KV-cache sampler, jitted, fixed shapes);
@@ -17,6 +18,7 @@ preemption, non-finite stop and logging are the engine's (`engine.run_training` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -28,9 +30,9 @@ import ml_collections
 import numpy as np
 
 from jaxalign import advantages as adv
+from jaxalign import rewards
 from jaxalign import rollout as rl
 from jaxalign import sharding as shd
-from jaxalign.judges import get_judge
 from jaxalign.losses import kl_penalty, ppo_policy_loss, ppo_value_loss
 from jaxalign.models import Transformer, sequence_token_logprobs
 from jaxalign.optim import make_optimizer
@@ -174,10 +176,12 @@ def ppo_loss_fn(
 
 
 def load_reward(config: ml_collections.ConfigDict, setup: RunSetup):
-    """(reward_model, reward_params, judge): a frozen scalar-head model or a Python judge."""
+    """(reward_model, reward_params, host_rewards): a frozen scalar-head model, or host-side
+    reward functions (`jaxalign.rewards`: a judge or a TRL-signature Python function)."""
     spec = config.ppo.reward_model
-    if spec.startswith("judge:"):
-        return None, None, get_judge(spec[len("judge:") :])
+    funcs = rewards.parse_reward_funcs(spec)
+    if funcs[0].kind != "model":
+        return None, None, funcs
     model, params, _ = load_model(
         config.model, setup.mesh, setup.rules, name_or_path=spec, head="scalar", seed=config.seed
     )
@@ -212,131 +216,106 @@ class KLCoefficient:
         self.state = adv.KLControllerState(beta=jnp.float32(state["kl_coef"]))
 
 
-def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
-    ppo_cfg, train_cfg = config.ppo, config.train
-    setup = setup_run(config)
-    policy, tokenizer, mesh = setup.model, setup.tokenizer, setup.mesh
-    chunk_size = config.model.logits_chunk_size or None
-    ref_params = load_reference(config, setup, ppo_cfg.reference_name_or_path)
-    reward_model, reward_params, judge = load_reward(config, setup)
-    if ppo_cfg.critic_init == "reward" and judge is not None:
-        raise ValueError("config.ppo.critic_init='reward' needs a reward model, not a judge")
-    critic_source = (
-        ppo_cfg.reward_model if ppo_cfg.critic_init == "reward" else config.model.name_or_path
-    )
-    critic, critic_params, critic_shardings = load_model(
-        config.model,
-        mesh,
-        setup.rules,
-        name_or_path=critic_source,
-        head="scalar",
-        seed=config.seed + 1,
-    )
-    prompts = common.prompt_dataset(config, tokenizer)
-    iterator = common.train_iterator(prompts, config)
-    sampling = rl.sampling_config(ppo_cfg, tokenizer)
+@dataclasses.dataclass
+class PPOIteration:
+    """`(state, prompt batch) -> (state, metrics)`: rollout → score → GAE → clipped updates.
 
-    # One optimizer over both trained models; num_epochs × num_minibatches updates per iteration.
-    updates_per_iteration = ppo_cfg.num_epochs * ppo_cfg.num_minibatches
-    tx, schedule = make_optimizer(
-        config.optimizer, total_steps=train_cfg.num_steps * updates_per_iteration
-    )
-    state, state_shardings = engine.create_train_state(
-        {"policy": setup.params, "critic": critic_params},
-        {"policy": setup.param_shardings, "critic": critic_shardings},
-        {"policy": abstract_params(policy), "critic": abstract_params(critic)},
-        tx,
-        mesh,
-        setup.rules,
-        seed=config.seed,
-    )
-    new_tokens = ppo_cfg.max_new_tokens
-    loss_fn = ppo_loss_fn(
-        policy,
-        critic,
-        ppo_cfg,
-        prompt_len_of=lambda batch: batch["input_ids"].shape[1] - new_tokens,
-        chunk_size=chunk_size,
-    )
-    update_step = engine.jit_train_step(
-        engine.make_train_step(
-            loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
-        ),
-        state_shardings,
-        mesh,
-        None,
-    )
-    score_fn = jax.jit(
-        rl.microbatched(
-            lambda params, ref, rm, prompt_len, seqs: score_rollout(
-                policy,
-                critic,
-                reward_model,
-                params,
-                ref,
-                rm,
-                *seqs,
-                prompt_len=prompt_len,
-                temperature=ppo_cfg.temperature,
-                chunk_size=chunk_size,
+    The engine loop calls it once per prompt batch; `kl_coef` is its checkpointed host state.
+    """
+
+    config: ml_collections.ConfigDict
+    setup: RunSetup
+    critic: Transformer
+    ref_params: Any
+    reward_model: Transformer | None
+    reward_params: Any
+    host_rewards: list[rewards.RewardFunction] | None  # judge / Python function, or None (RM)
+    prompts: Any  # the prompt dataset (rows for the host reward functions)
+    iterator: Any  # its batch iterator (which rows the current batch holds)
+    update_step: Any  # jitted engine train step of `ppo_loss_fn`
+    kl_coef: KLCoefficient
+
+    def __post_init__(self) -> None:
+        ppo_cfg, mesh = self.config.ppo, self.setup.mesh
+        self.sampling = rl.sampling_config(ppo_cfg, self.setup.tokenizer)
+        self.updates_per_iteration = ppo_cfg.num_epochs * ppo_cfg.num_minibatches
+        self.minibatch_size = self.config.train.batch_size // ppo_cfg.num_minibatches
+        if self.minibatch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+            raise ValueError(
+                f"config.ppo.num_minibatches: minibatches of {self.minibatch_size} rows do not "
+                f"split over the data-parallel size {mesh.shape['data'] * mesh.shape['fsdp']}"
+            )
+        policy, critic, reward_model = self.setup.model, self.critic, self.reward_model
+        chunk_size = self.config.model.logits_chunk_size or None
+        self.score_fn = jax.jit(
+            rl.microbatched(
+                lambda params, ref, rm, prompt_len, seqs: score_rollout(
+                    policy,
+                    critic,
+                    reward_model,
+                    params,
+                    ref,
+                    rm,
+                    *seqs,
+                    prompt_len=prompt_len,
+                    temperature=ppo_cfg.temperature,
+                    chunk_size=chunk_size,
+                ),
+                self.config.optimizer.grad_accum_steps,
             ),
-            config.optimizer.grad_accum_steps,
-        ),
-        static_argnums=(3,),
-    )
-    advantage_fn = jax.jit(
-        lambda scored, scores, mask, kl_coef: compute_advantages(
-            scored,
-            scores,
-            mask,
-            kl_coef,
-            kl_estimator=ppo_cfg.kl_estimator,
-            gamma=ppo_cfg.gamma,
-            lam=ppo_cfg.lam,
-            whiten_rewards=ppo_cfg.whiten_rewards,
-            whiten_advantages=ppo_cfg.whiten_advantages,
+            static_argnums=(3,),
         )
-    )
-    take_rows = jax.jit(
-        lambda tree, idx: jax.tree.map(lambda x: x[idx], tree),
-        out_shardings=shd.batch_sharding(mesh),
-    )
-    minibatch_size = train_cfg.batch_size // ppo_cfg.num_minibatches
-    if minibatch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(
-            f"config.ppo.num_minibatches: minibatches of {minibatch_size} rows do not split over "
-            f"the data-parallel size {mesh.shape['data'] * mesh.shape['fsdp']}"
+        self.advantage_fn = jax.jit(
+            lambda scored, scores, mask, kl_coef: compute_advantages(
+                scored,
+                scores,
+                mask,
+                kl_coef,
+                kl_estimator=ppo_cfg.kl_estimator,
+                gamma=ppo_cfg.gamma,
+                lam=ppo_cfg.lam,
+                whiten_rewards=ppo_cfg.whiten_rewards,
+                whiten_advantages=ppo_cfg.whiten_advantages,
+            )
         )
-    kl_coef = KLCoefficient(ppo_cfg)
-    base_rng = jax.random.PRNGKey(config.seed)
+        self.take_rows = jax.jit(
+            lambda tree, idx: jax.tree.map(lambda x: x[idx], tree),
+            out_shardings=shd.batch_sharding(mesh),
+        )
 
-    def iteration(state: engine.TrainState, local_prompts: dict[str, np.ndarray]):
-        index = int(jax.device_get(state.step)) // updates_per_iteration
+    def scores(self, rollout: rl.Rollout, scored: dict[str, jax.Array]) -> jax.Array:
+        """`[B]` scores: the reward model's, or the host functions' of this process's rows."""
+        if self.host_rewards is None:
+            return scored["scores"]
+        mesh = self.setup.mesh
+        completions, completion_ids = rl.local_responses(self.setup.tokenizer, rollout, mesh)
+        rows = [self.prompts.rows[i] for i in self.iterator.last_batch_indices]
+        total, _ = rewards.score_completions(self.host_rewards, rows, completions, completion_ids)
+        return shd.global_from_local(total, mesh)
+
+    def __call__(self, state: engine.TrainState, local_prompts: dict[str, np.ndarray]):
+        ppo_cfg, batch_size = self.config.ppo, self.config.train.batch_size
+        index = int(jax.device_get(state.step)) // self.updates_per_iteration
         t0 = time.perf_counter()
         rollout = rl.sample_rollout(
-            policy,
+            self.setup.model,
             state.params["policy"],
-            shd.shard_batch(local_prompts, mesh),
-            rng=jax.random.fold_in(base_rng, index),
-            sampling=sampling,
+            shd.shard_batch(local_prompts, self.setup.mesh),
+            rng=jax.random.fold_in(jax.random.PRNGKey(self.config.seed), index),
+            sampling=self.sampling,
         )
         jax.block_until_ready(rollout.input_ids)
         t_rollout = time.perf_counter() - t0
 
         sequences = (rollout.input_ids, rollout.attention_mask)
-        scored = score_fn(state.params, ref_params, reward_params, rollout.prompt_len, sequences)
-        if judge is not None:
-            responses, _ = rl.local_responses(tokenizer, rollout, mesh)
-            prompt_texts = [prompts.texts[i] for i in iterator.last_batch_indices]
-            scores = shd.global_from_local(
-                np.asarray(judge(prompt_texts, responses), np.float32), mesh
-            )
-        else:
-            scores = scored["scores"]
-        raw_scores = scores
+        scored = self.score_fn(
+            state.params, self.ref_params, self.reward_params, rollout.prompt_len, sequences
+        )
+        raw_scores = self.scores(rollout, scored)
+        scores = raw_scores
         if ppo_cfg.missing_eos_penalty:
             scores = jnp.where(rollout.finished, scores, scores + ppo_cfg.missing_eos_penalty)
-        advantages = advantage_fn(scored, scores, rollout.response_mask, kl_coef.beta)
+        advantages = self.advantage_fn(scored, scores, rollout.response_mask, self.kl_coef.beta)
         batch = {
             "input_ids": rollout.input_ids,
             "attention_mask": rollout.attention_mask,
@@ -349,18 +328,18 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
 
         t1 = time.perf_counter()
         update_metrics = []
-        epoch_rng = np.random.default_rng([config.seed, index])
+        epoch_rng = np.random.default_rng([self.config.seed, index])
         for _ in range(ppo_cfg.num_epochs):
-            order = epoch_rng.permutation(train_cfg.batch_size)
-            for start in range(0, train_cfg.batch_size, minibatch_size):
-                rows = jnp.asarray(order[start : start + minibatch_size])
-                state, metrics = update_step(state, take_rows(batch, rows), None)
+            order = epoch_rng.permutation(batch_size)
+            for start in range(0, batch_size, self.minibatch_size):
+                rows = jnp.asarray(order[start : start + self.minibatch_size])
+                state, metrics = self.update_step(state, self.take_rows(batch, rows), None)
                 update_metrics.append(metrics)
         jax.block_until_ready(state.step)
         t_update = time.perf_counter() - t1
 
         mean_kl = float(advantages["mean_kl"])
-        kl_coef.update(mean_kl, train_cfg.batch_size)
+        self.kl_coef.update(mean_kl, batch_size)
         updates = jax.device_get(update_metrics)
         mask = rollout.response_mask
         generated = float(mask.sum())
@@ -371,8 +350,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
                 "objective/kl": mean_kl,
                 "objective/entropy": float((scored["entropy"] * mask).sum() / mask.sum()),
                 "objective/non_score_reward": float(advantages["mean_non_score_reward"]),
-                "objective/kl_coef": float(kl_coef.beta),
-                "response_length": generated / train_cfg.batch_size,
+                "objective/kl_coef": float(self.kl_coef.beta),
+                "response_length": generated / batch_size,
                 "eos_rate": float(jnp.mean(rollout.finished.astype(jnp.float32))),
                 "time/rollout_s": t_rollout,
                 "time/update_s": t_update,
@@ -384,18 +363,77 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         )
         return state, metrics
 
+
+def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
+    ppo_cfg = config.ppo
+    setup = setup_run(config)
+    ref_params = load_reference(config, setup, ppo_cfg.reference_name_or_path)
+    reward_model, reward_params, host_rewards = load_reward(config, setup)
+    if ppo_cfg.critic_init == "reward" and host_rewards is not None:
+        raise ValueError("config.ppo.critic_init='reward' needs a reward model, not a judge")
+    critic_source = (
+        ppo_cfg.reward_model if ppo_cfg.critic_init == "reward" else config.model.name_or_path
+    )
+    critic, critic_params, critic_shardings = load_model(
+        config.model,
+        setup.mesh,
+        setup.rules,
+        name_or_path=critic_source,
+        head="scalar",
+        seed=config.seed + 1,
+    )
+    prompts = common.prompt_dataset(config, setup.tokenizer)
+    iterator = common.train_iterator(prompts, config)
+
+    # One optimizer over both trained models; num_epochs × num_minibatches updates per iteration.
+    updates = config.train.num_steps * ppo_cfg.num_epochs * ppo_cfg.num_minibatches
+    tx, schedule = make_optimizer(config.optimizer, total_steps=updates)
+    state, state_shardings = engine.create_train_state(
+        {"policy": setup.params, "critic": critic_params},
+        {"policy": setup.param_shardings, "critic": critic_shardings},
+        {"policy": abstract_params(setup.model), "critic": abstract_params(critic)},
+        tx,
+        setup.mesh,
+        setup.rules,
+        seed=config.seed,
+    )
+    new_tokens = ppo_cfg.max_new_tokens
+    loss_fn = ppo_loss_fn(
+        setup.model,
+        critic,
+        ppo_cfg,
+        prompt_len_of=lambda batch: batch["input_ids"].shape[1] - new_tokens,
+        chunk_size=config.model.logits_chunk_size or None,
+    )
+    step = engine.make_train_step(
+        loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
+    )
+    iteration = PPOIteration(
+        config=config,
+        setup=setup,
+        critic=critic,
+        ref_params=ref_params,
+        reward_model=reward_model,
+        reward_params=reward_params,
+        host_rewards=host_rewards,
+        prompts=prompts,
+        iterator=iterator,
+        update_step=engine.jit_train_step(step, state_shardings, setup.mesh, None),
+        kl_coef=KLCoefficient(ppo_cfg),
+    )
+
     def export(params: Any, out_dir: Path) -> None:
-        common.exporter(policy, tokenizer)(params["policy"], out_dir)
-        common.exporter(critic, tokenizer)(params["critic"], workdir / "hf_critic")
+        common.exporter(setup.model, setup.tokenizer)(params["policy"], out_dir)
+        common.exporter(critic, setup.tokenizer)(params["critic"], workdir / "hf_critic")
 
     return engine.run_training(
         config=config,
         workdir=workdir,
-        mesh=mesh,
+        mesh=setup.mesh,
         state=state,
         state_shardings=state_shardings,
         train_iterator=iterator,
         iteration=iteration,
-        host_state=kl_coef,
+        host_state=iteration.kl_coef,
         export=export,
     )
