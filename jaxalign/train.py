@@ -23,6 +23,8 @@ from jaxalign.checkpoint import CheckpointError, CheckpointSaveError
 from jaxalign.config import ConfigError, validate
 from jaxalign.data import DataError
 from jaxalign.distributed import maybe_initialize
+from jaxalign.models.config import UnsupportedConfigError
+from jaxalign.models.hf import CheckpointError as ModelCheckpointError
 
 TRAINERS = {
     "sft": "jaxalign.trainers.sft",
@@ -49,7 +51,13 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     try:
         result = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (CheckpointError, ConfigError, DataError) as error:
+    except (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        ModelCheckpointError,
+        UnsupportedConfigError,
+    ) as error:
         # Known, user-fixable problems: one line naming the file, key, step or directory.
         print(f"error: {error}", file=sys.stderr, flush=True)
         if isinstance(error, CheckpointSaveError):

@@ -262,3 +262,55 @@ def test_export_picks_the_model_and_params_of_each_algorithm(algorithm, expected
     config.ppo.critic_init = "policy"
     models = _models(config)
     assert {name: (m.config.head, path) for name, (m, path) in models.items()} == expected
+
+
+# ----------------------------------------------------------------------------- 4. non-finite updates
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"optimizer.learning_rate": 1e39},  # overflows to inf in fp32: finite grads, inf update
+        {"optimizer.eps": 0.0},  # Adam's 0/0 in embedding rows no token touched: NaN update
+    ],
+    ids=["lr_overflow", "adam_eps_0"],
+)
+def test_nonfinite_updates_are_skipped_and_never_checkpointed(
+    fault, config_arg, settings, tmp_path
+):
+    workdir = tmp_path / "run"
+    faulty = {**settings, **fault, "train.max_consecutive_nonfinite": 2, "train.log_every": 1}
+    result = run_cli(train_args(config_arg, workdir, faulty))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_line(result.stdout).endswith("stopped early: 2 consecutive non-finite steps")
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_steps"] for m in metrics if "skipped_steps" in m] == [1, 2]
+    out = tmp_path / "exported"
+    exported = run_cli(["-m", "jaxalign.export", f"--workdir={workdir}", f"--out={out}"])
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert json.loads((out / "jaxalign_export.json").read_text())["step"] == 2
+    for name, tensor in load_file(out / "model.safetensors").items():
+        assert np.all(np.isfinite(tensor)), name
+
+
+# ----------------------------------------------------------------------------- 10. eval microbatches
+
+
+def test_evaluation_runs_in_training_microbatches(tiny_data_dir, tiny_sft_settings):
+    """With grad_accum_steps = 4, eval never runs more rows in one forward than a train
+    microbatch, and still covers the rows of `train.eval_batches` full batches."""
+    from transformers import AutoTokenizer
+
+    from jaxalign.config import base_config
+    from jaxalign.data import build_sft_dataset
+    from jaxalign.trainers import common
+
+    config = base_config()
+    config.train.batch_size, config.optimizer.grad_accum_steps, config.train.eval_batches = 64, 4, 2
+    tokenizer = AutoTokenizer.from_pretrained(tiny_data_dir / "tokenizer")
+    dataset = build_sft_dataset(
+        str(tiny_data_dir / "sft_eval.jsonl"), tokenizer, max_length=64, on_bad_row="skip"
+    )
+    batches = list(common.eval_batches_fn(dataset, config)())
+    assert len(dataset.examples) >= 128
+    assert [len(b["input_ids"]) for b in batches] == [16] * 8  # 8 fake devices: 2 rows each
