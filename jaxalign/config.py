@@ -66,6 +66,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = False
     c.model.attention_impl = "xla"
     c.model.logits_chunk_size = 0  # tokens per log-softmax chunk; 0 = whole sequence
+    # Low-rank adapters (LoRA; QLoRA with a quantized base): only adapters train, and the
+    # reference of DPO/PPO/GRPO is the base with adapters off (no second params tree).
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0  # 0 = full fine-tuning
+    c.model.lora.alpha = 16.0
+    c.model.lora.dropout = 0.0
+    # Hugging Face module names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; GPT-2:
+    # c_attn,c_proj,c_fc) comma-separated, or "all-linear" (every projection but the LM head).
+    c.model.lora.target_modules = "all-linear"
+    c.model.lora.quantization = "none"  # base weights stored as "none" | "int8" | "nf4" (QLoRA)
+    c.model.lora.init_from = ""  # a PEFT adapter directory to continue training from
 
     c.tokenizer = ""  # default: model.name_or_path
 
@@ -275,6 +286,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_choice(config, "model.param_dtype", DTYPES)
     _check_choice(config, "model.remat_policy", REMAT_POLICIES)
     _check_choice(config, "model.attention_impl", ("xla", "cudnn"))
+    _check_choice(config, "model.lora.quantization", ("none", "int8", "nf4"))
+    _check(config.model.lora.rank >= 0, "model.lora.rank", "must be >= 0 (0 = off)")
+    _check(0 <= config.model.lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
+    _check(
+        config.model.lora.quantization == "none" or config.model.lora.rank > 0,
+        "model.lora.quantization",
+        "a quantized base (QLoRA) needs adapters: set model.lora.rank > 0",
+    )
     _check_choice(config, "data.on_bad_row", ("error", "skip"))
     _check_choice(config, "optimizer.name", ("adamw", "adam", "sgd", "rmsprop", "adafactor"))
     _check_choice(config, "optimizer.schedule", ("constant", "cosine", "linear"))
