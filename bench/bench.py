@@ -1,24 +1,41 @@
-"""Throughput of jaxalign's jitted steps (SFT, DPO, reward, PPO update, sampling) on this machine.
+"""Throughput of jaxalign's jitted steps (SFT, DPO, reward, PPO update, sampling) and of a GRPO
+iteration (rollout + update) on this machine.
 
     python bench/bench.py --workload dpo --preset trl-tiny --json        # one JSON line
     python bench/bench.py --workload all --preset trl-tiny               # a table, one row each
     python bench/bench.py --workload sft,generate --preset trl-tiny      # several in one process
     python bench/bench.py --workload dpo --preset trl-tiny --compare-torch   # + PyTorch / TRL
+    python bench/bench.py --workload grpo --preset trl-tiny --compare-torch  # + TRL GRPOTrainer
     python bench/bench.py --workload sft --preset tiny --quick --json    # CI smoke (seconds)
 
 Each workload builds the library's own step (`make_train_step` + `jit_train_step`, or `generate`)
 on random tokens (numpy seed 0), compiles it once ahead of time, runs `--warmup` steps and then
 times `--steps` steps, each ended by `jax.block_until_ready`.
 
+The GRPO workload times whole iterations built from the trainer's own pieces (`bench_grpo`):
+B prompts of P tokens (the preset's batch and prompt_len; trl-tiny: 8 × 64), G = 8 completions of
+N = completion_len new tokens each (64), i.e. R = B·G = 64 rows of P + N. Rollout =
+`rollout.sample_rollout` (one shared prefill per prompt) + decode to host + `grpo_reward` (the share
+of even token ids, a plain Python function in TRL's signature) through `rewards.score_completions`;
+update = `grpo_advantages` + one `make_train_step(grpo_loss_fn)` step on all R rows, with the
+default `config.grpo` (β = 0, one update per rollout, loss_type "grpo"). EOS is disabled, so every
+completion is N tokens. It defaults to 1 warm-up (the compiling iteration) and 6 timed iterations.
+
 Reported per workload:
   tokens_per_s   counted tokens / mean step time. DPO and reward count prompt + chosen + rejected
                  (B·(P + 2C), the prompt once, as TRL reports it): DPO processes exactly that
                  (B shared-prompt rows; with --dpo-two-rows, and for reward, 2B rows of P + C);
                  SFT and the PPO update count B·(P + C); generate counts generated
-                 tokens (B·N; EOS is disabled so every row runs the full N).
+                 tokens (B·N; EOS is disabled so every row runs the full N). GRPO counts
+                 the R·(P + N) sequence tokens of an iteration (what the update processes, and
+                 TRL's `num_tokens`); step_s is the mean iteration_s.
+  rollout_tokens_per_s, update_tokens_per_s, rollout_share   GRPO only: generated tokens (R·N) /
+                 mean rollout_s, R·(P + N) / mean update_s, rollout_s / iteration_s.
   step_s         mean seconds per timed step; step_s_min the fastest (less sensitive to a shared
                  machine); step_cpu_s the process CPU seconds per step (all threads).
-  compile_s      lower + compile of the step (generate: first call minus one steady-state call).
+  compile_s      lower + compile of the step (generate: first call minus one steady-state call;
+                 GRPO: the first iteration minus the mean one, split in rollout_compile_s and
+                 update_compile_s).
   gflops_per_s   analytic FLOPs per step / step_s, with N = parameters that take part in matmuls
                  (all but the input embedding and norms), T the sequence length, R the rows run:
                    forward   F(R, T) = 2·N·R·T + 4·L·H·D·R·T²   (attention: QKᵀ and PV over the full
@@ -30,6 +47,8 @@ Reported per workload:
                    PPO       3·F for the policy and for the critic (scalar head)
                    generate  2·N·B·P + 4·L·H·D·B·P·(P+N)  prefill into a P+N slot cache, then
                              (N − 1)·(2·N·B + 4·L·H·D·B·(P+N)) decode steps over the full cache.
+                   GRPO      generate with the B prompts prefilled once into P slots
+                             (2·N·B·P + 4·L·H·D·B·P²) and R decode rows, + 3·F(R, P+N).
   matmul_peak_gflops  measured: best time of a jitted fp32 [n,n]@[n,n] (n = 2048 on CPU, 8192 on
                  accelerators), 2n³ FLOPs; fraction_of_peak = gflops_per_s / it.
   mfu            accelerators only: gflops_per_s / the device's dense datasheet peak for the compute
@@ -43,7 +62,11 @@ Reported per workload:
 and batch with a hand-written PyTorch step (`LlamaForCausalLM`, AdamW, clip 1.0, reference forward
 under no_grad for DPO), TRL's `DPOTrainer` / `SFTTrainer` (fp32, no gradient checkpointing, timed
 between `on_step_end` callbacks, so data collation is included), and HF `generate` for the generate
-workload.
+workload. For GRPO it runs TRL's `GRPOTrainer` (HF `generate`, `use_vllm=False`, fp32) on the same
+prompts and reward with one generation batch of R completions per optimizer step, so every step is
+one iteration; its rollout is timed around `_generate_and_score_completions` (generate, score,
+advantages) and its update is the rest of the step. `min_new_tokens = N` disables EOS there too.
+Every baseline gets `jaxalign_speedup` = jaxalign tokens_per_s / its tokens_per_s.
 """
 
 from __future__ import annotations
@@ -66,20 +89,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import advantages as adv
+from jaxalign import rewards
+from jaxalign import rollout as rl
 from jaxalign import sharding as shd
 from jaxalign.config import base_config, tiny_model_init
 from jaxalign.data import collate_preference, collate_preference_shared
 from jaxalign.data.batching import Buckets
 from jaxalign.models import ModelConfig, Transformer
+from jaxalign.models.lora import QUANTIZATIONS, LoraConfig, init_lora
 from jaxalign.optim import make_optimizer
 from jaxalign.sampling import SamplingConfig, generate
 from jaxalign.trainers import engine, setup
 from jaxalign.trainers.dpo import dpo_loss_fn
+from jaxalign.trainers.grpo import grpo_loss_fn
 from jaxalign.trainers.ppo import ppo_loss_fn
 from jaxalign.trainers.reward import reward_loss_fn
 from jaxalign.trainers.sft import sft_loss_fn
 
-WORKLOADS = ("sft", "dpo", "reward", "ppo", "generate")
+WORKLOADS = ("sft", "dpo", "reward", "ppo", "generate", "grpo")
+LORA_RANK = 16  # `--lora`'s default rank
 TRAIN_WORKLOADS = ("sft", "dpo", "reward", "ppo")
 
 # ----------------------------------------------------------------------------- presets
@@ -96,6 +125,8 @@ class Preset:
     gen_batch: int
     gen_prompt_len: int
     gen_new_tokens: int
+    # GRPO: `batch` prompts of `prompt_len` tokens, G completions of `completion_len` new tokens.
+    num_generations: int = 8
 
     def quick(self) -> Preset:
         """Small shapes for CI: the same model, short sequences and a small batch."""
@@ -107,6 +138,7 @@ class Preset:
             gen_batch=min(self.gen_batch, 4),
             gen_prompt_len=16,
             gen_new_tokens=8,
+            num_generations=min(self.num_generations, 4),
         )
 
 
@@ -140,6 +172,25 @@ PRESETS = {
         8,
         128,
         128,
+    ),
+    # `--lora`'s default: weights dominate full DPO's memory here (a 55 M-parameter Llama, short
+    # pairs), the regime LoRA is for; about a minute per process on 2 CPU cores.
+    "lora-mid": Preset(
+        dict(
+            _TRL_TINY_MODEL,
+            vocab_size=8192,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_layers=6,
+            num_heads=12,
+            num_kv_heads=12,
+        ),
+        2,
+        64,
+        64,
+        4,
+        32,
+        32,
     ),
 }
 
@@ -230,10 +281,16 @@ def forward_flops(config: ModelConfig, rows: int, seq: int) -> int:
     return 2 * matmul_params(config) * rows * seq + attention_flops(config, rows, seq, seq)
 
 
-def generate_flops(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> int:
+def generate_flops(
+    config: ModelConfig, batch: int, prompt_len: int, new_tokens: int, num_generations: int = 1
+) -> int:
+    """`batch` decode rows; with G = num_generations > 1 the batch/G prompts are prefilled once
+    into a P-slot cache (`generate(..., num_generations=G)`), otherwise each row into P+N slots."""
     cache = prompt_len + new_tokens
-    prefill = 2 * matmul_params(config) * batch * prompt_len
-    prefill += attention_flops(config, batch, prompt_len, cache)
+    prompts = batch // num_generations
+    prefill = 2 * matmul_params(config) * prompts * prompt_len
+    prefill_keys = prompt_len if num_generations > 1 else cache
+    prefill += attention_flops(config, prompts, prompt_len, prefill_keys)
     decode = 2 * matmul_params(config) * batch + attention_flops(config, batch, 1, cache)
     return prefill + (new_tokens - 1) * decode
 
@@ -309,7 +366,8 @@ def bench_mesh(rows: int):
 def build_train_step(
     workload: str, preset: Preset, chunk_size: int | None, *, dpo_two_rows: bool = False
 ):
-    """(run_step, compile_s, tokens per step, FLOPs per step, model config) for a train workload."""
+    """(run_step, compile_s, tokens per step, FLOPs per step, model config, extra result fields)
+    for a train workload."""
     config = base_config()
     config.dpo.share_prompt = not dpo_two_rows
     rules = config.mesh.logical_rules
@@ -382,7 +440,268 @@ def build_train_step(
         state, metrics = compiled(state, device_batch, frozen)
         return metrics["loss"]
 
-    return run_step, compile_s, tokens, flops, model_config
+    info = {"step_memory_mb": step_memory_mb(compiled)}
+    return run_step, compile_s, tokens, flops, model_config, info
+
+
+def build_lora_dpo_step(preset: Preset, chunk_size: int | None, lora: LoraConfig):
+    """`build_train_step("dpo", ...)` with LoRA: only the adapters train, the reference is the
+    base with adapters off (no second params tree).
+
+    Built from the library's pieces: `models.lora.init_lora` (adapters on the, for QLoRA
+    quantized, base), `LoraModel.split` (trainable adapters | frozen base), and the DPO loss on
+    `setup.LoraView`s, the `Transformer`-like views the trainers use (adapters on: the policy;
+    off: the reference). The engine's `frozen` input carries the base; the loss sees
+    `LoraModel.combine(trainable, base)`, so gradients and optimizer state exist for the
+    adapters alone.
+    """
+    config = base_config()
+    rules = config.mesh.logical_rules
+    model_config = ModelConfig(**preset.model)
+    model = Transformer(model_config)
+    mesh = bench_mesh(preset.batch)
+    params, _ = shd.init_sharded(
+        lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"],
+        mesh,
+        rules,
+        jax.random.PRNGKey(0),
+    )
+    lora_model, full = init_lora(model, params, lora, rng=jax.random.PRNGKey(1))
+    del params  # QLoRA: the float base is dropped once quantized
+    boxed = lora_model.abstract_params()
+    full_shardings = shd.param_shardings(boxed, mesh, rules)
+    trainable, frozen = lora_model.split(jax.device_put(full, full_shardings))
+    del full
+    trainable_shardings, frozen_shardings = lora_model.split(full_shardings)
+    dpo_loss = dpo_loss_fn(
+        setup.LoraView(lora_model),
+        config.dpo,
+        chunk_size=chunk_size,
+        reference_model=setup.LoraView(lora_model, adapters=False),
+    )
+
+    def loss_fn(adapters, batch, base, rng):
+        # The reference's params are the base itself (adapters off).
+        return dpo_loss(lora_model.combine(adapters, base), batch, base, rng)
+
+    tx, schedule = make_optimizer(config.optimizer, total_steps=10_000)
+    state, state_shardings = engine.create_train_state(
+        trainable, trainable_shardings, lora_model.split(boxed)[0], tx, mesh, rules, seed=0
+    )
+    step = engine.make_train_step(loss_fn, tx, grad_accum_steps=1, schedule=schedule)
+    jitted = engine.jit_train_step(step, state_shardings, mesh, frozen_shardings)
+    batch = pair_batch(preset, model_config.vocab_size, share_prompt=True)
+    device_batch = shd.shard_batch(batch, mesh)
+    start = time.perf_counter()
+    compiled = jitted.lower(state, device_batch, frozen).compile()
+    compile_s = time.perf_counter() - start
+
+    def run_step():
+        nonlocal state
+        state, metrics = compiled(state, device_batch, frozen)
+        return metrics["loss"]
+
+    rows, row_len = preset.batch, batch["input_ids"].shape[1]
+    # No weight gradients for the frozen base: forward + input gradients (2·F) for the policy,
+    # F for the reference; the adapters' r-wide matmuls are left out.
+    flops = 3 * forward_flops(model_config, rows, row_len)
+    tokens = preset.batch * (preset.prompt_len + 2 * preset.completion_len)
+    info = {
+        "lora_rank": lora.rank,
+        "lora_quantization": lora.quantization,
+        "trainable_params": sum(x.size for x in jax.tree.leaves(trainable)),
+        "step_memory_mb": step_memory_mb(compiled),
+    }
+    return run_step, compile_s, tokens, flops, model_config, info
+
+
+def step_memory_mb(compiled: Any) -> float | None:
+    """XLA's own account of a compiled step: arguments + outputs not aliased to them + temporaries
+    (`compiled.memory_analysis()`), in MiB; None where the backend gives none."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (not every backend implements it)
+        return None
+    if stats is None:
+        return None
+    total = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+    )
+    return total / 2**20
+
+
+def device_peak_mb() -> float | None:
+    """Peak bytes in use on the first device (accelerators), in MiB; None on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+def grpo_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """A cheap programmatic reward in TRL's signature: the share of even token ids in a completion.
+
+    Both jaxalign (`rewards.score_completions`) and TRL's `GRPOTrainer` call it unchanged.
+    """
+    del prompts, completions, kwargs
+    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
+
+
+def grpo_prompts(preset: Preset, iterations: int) -> np.ndarray:
+    """`[iterations, B, P]` random prompt ids (numpy seed 0), new prompts every iteration; TRL gets
+    the same ids as words `t<id>` of `_word_tokenizer`."""
+    rng = np.random.default_rng(0)
+    shape = (iterations, preset.batch, preset.prompt_len)
+    return rng.integers(2, preset.model["vocab_size"], shape, dtype=np.int32)
+
+
+def bench_grpo(
+    preset: Preset, *, warmup: int, steps: int, chunk_size: int | None
+) -> dict[str, Any]:
+    """Times GRPO iterations built from the trainer's pieces (`jaxalign.trainers.grpo`).
+
+    One iteration, as `grpo.train`'s `iteration` runs it with the default `config.grpo`
+    (β = 0: no reference; `num_iterations` = 1: no old log-prob pass):
+      rollout  `rollout.sample_rollout` (G completions per prompt, one shared prefill each),
+               `rollout.local_responses` (to host, decoded) and `rewards.score_completions`
+               with `grpo_reward`;
+      update   `advantages.grpo_advantages` and one `engine.make_train_step(grpo_loss_fn)` step
+               over all B·G rows.
+    EOS is disabled (every completion runs the full N tokens), so token counts are fixed. The first
+    iteration compiles; `compile_s` is its excess over the mean timed iteration.
+    """
+    config = base_config()
+    grpo_cfg = config.grpo
+    grpo_cfg.num_generations = group = preset.num_generations
+    grpo_cfg.max_new_tokens = new_tokens = preset.completion_len
+    rules = config.mesh.logical_rules
+    model_config = ModelConfig(**preset.model)
+    model = Transformer(model_config)
+    rows, seq = preset.batch * group, preset.prompt_len + new_tokens
+    mesh = bench_mesh(rows)
+    params, param_shardings = shd.init_sharded(
+        lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"],
+        mesh,
+        rules,
+        jax.random.PRNGKey(0),
+    )
+    tx, schedule = make_optimizer(config.optimizer, total_steps=10_000)
+    state, state_shardings = engine.create_train_state(
+        params, param_shardings, model, tx, mesh, rules, seed=0
+    )
+    update_step = engine.jit_train_step(
+        engine.make_train_step(
+            grpo_loss_fn(model, grpo_cfg, chunk_size=chunk_size),
+            tx,
+            grad_accum_steps=1,
+            schedule=schedule,
+        ),
+        state_shardings,
+        mesh,
+        None,
+    )
+    advantage_fn = jax.jit(
+        lambda r: adv.grpo_advantages(
+            r, group, estimator=grpo_cfg.advantage_estimator, scale_rewards=grpo_cfg.scale_rewards
+        )
+    )
+    tokenizer = _word_tokenizer(model_config.vocab_size)
+    sampling = dataclasses.replace(rl.sampling_config(grpo_cfg, tokenizer), eos_token_ids=())
+    reward_funcs = [rewards.RewardFunction(name="grpo_reward", kind="python", fn=grpo_reward)]
+    iterations = 1 + max(warmup - 1, 0) + steps
+    prompt_ids = grpo_prompts(preset, iterations)
+    base_rng = jax.random.PRNGKey(0)
+
+    def rollout_phase(index: int):
+        local_prompts = {
+            "prompt_input_ids": prompt_ids[index],
+            "prompt_attention_mask": np.ones_like(prompt_ids[index]),
+        }
+        rollout = rl.sample_rollout(
+            model,
+            state.params,
+            shd.shard_batch(local_prompts, mesh),
+            rng=jax.random.fold_in(base_rng, index),
+            sampling=sampling,
+            num_generations=group,
+        )
+        completions, completion_ids = rl.local_responses(tokenizer, rollout, mesh)
+        prompt_rows = [{"prompt": " ".join(f"t{i}" for i in ids)} for ids in prompt_ids[index]]
+        total, _ = rewards.score_completions(
+            reward_funcs,
+            [row for row in prompt_rows for _ in range(group)],
+            completions,
+            completion_ids,
+        )
+        return rollout, total
+
+    def update_phase(rollout: rl.Rollout, local_rewards: np.ndarray):
+        nonlocal state
+        batch = {
+            "input_ids": rollout.input_ids,
+            "attention_mask": rollout.attention_mask,
+            "loss_mask": rollout.response_mask,
+            "advantages": advantage_fn(shd.global_from_local(local_rewards, mesh)),
+        }
+        state, metrics = update_step(state, batch, None)
+        return jax.block_until_ready(metrics["loss"])
+
+    rollout_times, update_times, generated, reward_means = [], [], [], []
+    cpu_start = 0.0
+    for index in range(iterations):
+        if index == iterations - steps:
+            cpu_start = time.process_time()
+        start = time.perf_counter()
+        rollout, local_rewards = rollout_phase(index)
+        middle = time.perf_counter()
+        update_phase(rollout, local_rewards)
+        rollout_times.append(middle - start)
+        update_times.append(time.perf_counter() - middle)
+        generated.append(int(np.asarray(rollout.response_mask).sum()))
+        reward_means.append(float(np.nanmean(local_rewards)))
+    cpu_s = (time.process_time() - cpu_start) / steps
+    if any(n != rows * new_tokens for n in generated):
+        raise RuntimeError(f"generated {generated} tokens, expected {rows * new_tokens} each")
+
+    timed_rollout = np.asarray(rollout_times[-steps:])
+    timed_update = np.asarray(update_times[-steps:])
+    iteration_times = timed_rollout + timed_update
+    rollout_s, update_s = float(timed_rollout.mean()), float(timed_update.mean())
+    iteration_s = rollout_s + update_s
+    rollout_compile_s = max(rollout_times[0] - rollout_s, 0.0)
+    update_compile_s = max(update_times[0] - update_s, 0.0)
+    tokens = rows * seq
+    flops = generate_flops(model_config, rows, preset.prompt_len, new_tokens, group)
+    flops += 3 * forward_flops(model_config, rows, seq)
+    return {
+        "workload": "grpo",
+        "tokens_per_s": tokens / iteration_s,
+        "step_s": iteration_s,
+        "step_s_min": float(iteration_times.min()),
+        "step_cpu_s": cpu_s,
+        "compile_s": rollout_compile_s + update_compile_s,
+        "tokens_per_step": tokens,
+        "gflops_per_step": flops / 1e9,
+        "gflops_per_s": flops / iteration_s / 1e9,
+        "num_params": model_config.num_params(),
+        "batch": rows,
+        "seq": seq,
+        "dtype": model_config.dtype,
+        "peak_rss_mb": peak_rss_mb(),
+        "num_prompts": preset.batch,
+        "num_generations": group,
+        "iteration_s": iteration_s,
+        "rollout_s": rollout_s,
+        "update_s": update_s,
+        "rollout_tokens_per_s": rows * new_tokens / rollout_s,
+        "update_tokens_per_s": tokens / update_s,
+        "rollout_share": rollout_s / iteration_s,
+        "rollout_compile_s": rollout_compile_s,
+        "update_compile_s": update_compile_s,
+        "reward_mean": float(np.mean(reward_means[-steps:])),
+    }
 
 
 def bench_jax(
@@ -393,8 +712,12 @@ def bench_jax(
     steps: int,
     chunk_size: int | None,
     dpo_two_rows: bool = False,
+    lora: LoraConfig | None = None,
 ):
-    """Times one jaxalign workload; returns the result fields (without the machine's peaks)."""
+    """Times one jaxalign workload; returns the result fields (without the machine's peaks).
+    `lora`: the DPO workload trains these adapters instead of the full model."""
+    if workload == "grpo":
+        return bench_grpo(preset, warmup=warmup, steps=steps, chunk_size=chunk_size)
     if workload == "generate":
         model_config = ModelConfig(**preset.model)
         model = Transformer(model_config)
@@ -430,10 +753,13 @@ def bench_jax(
         times, cpu_s = time_steps(run_step, warmup=max(warmup - 1, 0), steps=steps)
         compile_s = max(first_call_s - float(np.median(times)), 0.0)
         batch, seq = preset.gen_batch, preset.gen_prompt_len + preset.gen_new_tokens
+        extra = {}
     else:
-        run_step, compile_s, tokens, flops, model_config = build_train_step(
-            workload, preset, chunk_size, dpo_two_rows=dpo_two_rows
-        )
+        if lora is not None:
+            built = build_lora_dpo_step(preset, chunk_size, lora)
+        else:
+            built = build_train_step(workload, preset, chunk_size, dpo_two_rows=dpo_two_rows)
+        run_step, compile_s, tokens, flops, model_config, extra = built
         times, cpu_s = time_steps(run_step, warmup=warmup, steps=steps)
         batch, seq = preset.batch, preset.prompt_len + preset.completion_len
     step_s = float(np.mean(times))
@@ -452,11 +778,13 @@ def bench_jax(
         "seq": seq,
         "dtype": model_config.dtype,
         "peak_rss_mb": peak_rss_mb(),
+        "device_peak_mb": device_peak_mb(),
         **(
             {"dpo_layout": "two-rows" if dpo_two_rows else "shared-prompt"}
             if workload == "dpo"
             else {}
         ),
+        **extra,
     }
 
 
@@ -628,6 +956,91 @@ def trl_train_times(workload: str, preset: Preset, warmup: int, steps: int) -> l
     return list(np.diff(ends[warmup - 1 :])) if warmup else list(np.diff(ends)), None
 
 
+def trl_grpo_times(preset: Preset, warmup: int, steps: int) -> dict[str, list[float]]:
+    """Per-iteration wall and process CPU seconds of TRL's `GRPOTrainer` (HF `generate`, no vLLM),
+    and the wall seconds of its rollouts.
+
+    One optimizer step is one iteration: the B·G completions of B prompts are one generation batch
+    (`per_device_train_batch_size = B·G`, `steps_per_generation = 1`), so each `on_step_end` ends a
+    rollout (generate + score + advantages, timed around `_generate_and_score_completions`) and
+    one update. fp32, no gradient checkpointing, β = 0 and the loss aggregation of jaxalign's
+    default `config.grpo`; `min_new_tokens = N` disables EOS as in jaxalign's run.
+    """
+    import datasets
+    import transformers
+    import trl
+
+    datasets.disable_progress_bars()
+    grpo_defaults = base_config().grpo
+    group, new_tokens = preset.num_generations, preset.completion_len
+    ends: list[float] = []
+    cpu_ends: list[float] = []
+    rollout_times: list[float] = []
+
+    class StepClock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
+
+    skip = max(warmup, 1)  # iteration 0 has no step end before it: it is always warm-up
+    prompt_ids = grpo_prompts(preset, skip + steps).reshape(-1, preset.prompt_len)
+    data = datasets.Dataset.from_list(
+        [{"prompt": " ".join(f"t{i}" for i in ids)} for ids in prompt_ids]
+    )
+    args = trl.GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_"),
+        per_device_train_batch_size=preset.batch * group,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=group,
+        max_completion_length=new_tokens,
+        generation_kwargs={"min_new_tokens": new_tokens},
+        temperature=grpo_defaults.temperature,
+        top_p=grpo_defaults.top_p,
+        top_k=grpo_defaults.top_k,
+        beta=grpo_defaults.beta,
+        loss_type=grpo_defaults.loss_type,
+        num_iterations=grpo_defaults.num_iterations,
+        use_vllm=False,
+        max_steps=skip + steps,
+        learning_rate=1e-5,
+        shuffle_dataset=False,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = trl.GRPOTrainer(
+        model=_hf_llama(preset),
+        reward_funcs=grpo_reward,
+        args=args,
+        train_dataset=data,
+        processing_class=_word_tokenizer(preset.model["vocab_size"]),
+        callbacks=[StepClock()],
+    )
+    generate_and_score = trainer._generate_and_score_completions
+
+    def timed_rollout(*args, **kwargs):
+        start = time.perf_counter()
+        out = generate_and_score(*args, **kwargs)
+        rollout_times.append(time.perf_counter() - start)
+        return out
+
+    trainer._generate_and_score_completions = timed_rollout
+    trainer.train()
+    # ends[k] closes iteration k, so iteration k (with rollout k) lies between ends[k-1] and ends[k].
+    iterations = list(np.diff(ends[skip - 1 :]))
+    return {
+        "iteration": iterations,
+        "rollout": rollout_times[skip : skip + len(iterations)],
+        "cpu": list(np.diff(cpu_ends[skip - 1 :])),
+    }
+
+
 def hf_generate_step(preset: Preset) -> Callable[[], None]:
     import torch
 
@@ -674,18 +1087,43 @@ def compare_torch(workload: str, preset: Preset, tokens: int, warmup: int, steps
             runs[f"trl_{workload}"] = lambda: trl_train_times(workload, preset, warmup, steps)
     elif workload == "generate":
         runs["hf_generate"] = lambda: _torch_timed(hf_generate_step(preset), warmup, steps)
+    elif workload == "grpo" and has_trl:
+        runs["trl_grpo"] = lambda: trl_grpo_times(preset, warmup, steps)
     results: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
-    if not has_trl and workload in ("sft", "dpo"):
+    if not has_trl and workload in ("sft", "dpo", "grpo"):
         results["trl"] = "not installed (pip install trl==1.16.0)"
     for name, run in runs.items():
         try:
-            times, cpu_s = run()
+            timed = run()
         except Exception as err:  # a baseline failing must not lose the jaxalign numbers
             results[name] = {"error": f"{type(err).__name__}: {err}"}
             continue
+        if workload == "grpo":
+            results[name] = _grpo_baseline(timed, preset, tokens)
+            continue
+        times, cpu_s = timed
         step_s = float(np.mean(times))
         results[name] = {"tokens_per_s": tokens / step_s, "step_s": step_s, "step_cpu_s": cpu_s}
     return results
+
+
+def _grpo_baseline(times: dict[str, list[float]], preset: Preset, tokens: int) -> dict[str, Any]:
+    """The GRPO workload's fields (`iteration_s`, rollout/update split) from TRL's timings."""
+    iteration_s, rollout_s = float(np.mean(times["iteration"])), float(np.mean(times["rollout"]))
+    update_s = iteration_s - rollout_s
+    generated = preset.batch * preset.num_generations * preset.completion_len
+    return {
+        "tokens_per_s": tokens / iteration_s,
+        "step_s": iteration_s,
+        "step_s_min": float(np.min(times["iteration"])),
+        "step_cpu_s": float(np.mean(times["cpu"])),
+        "iteration_s": iteration_s,
+        "rollout_s": rollout_s,
+        "update_s": update_s,
+        "rollout_tokens_per_s": generated / rollout_s,
+        "update_tokens_per_s": tokens / update_s,
+        "rollout_share": rollout_s / iteration_s,
+    }
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -713,6 +1151,8 @@ def _format_table(results: list[dict[str, Any]]) -> str:
         cells.append(
             ["-" if result.get(key) is None else fmt.format(result[key]) for _, key, fmt in columns]
         )
+        if result.get("lora_rank"):
+            cells[-1][0] += f"+lora{result['lora_rank']}"
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     first = results[0] if results else {}
@@ -721,6 +1161,14 @@ def _format_table(results: list[dict[str, Any]]) -> str:
         f"{first.get('matmul_peak_gflops', 0):.1f} GFLOP/s"
     )
     for result in results:
+        if result.get("vs_full"):
+            lines.append(_lora_line(result))
+        if result["workload"] == "grpo":
+            lines += [
+                _grpo_split(name, fields)
+                for name, fields in (("jaxalign", result), *(result.get("compare") or {}).items())
+                if isinstance(fields, dict) and "rollout_s" in fields
+            ]
         for name, baseline in (result.get("compare") or {}).items():
             if isinstance(baseline, dict) and "tokens_per_s" in baseline:
                 ratio = result["tokens_per_s"] / baseline["tokens_per_s"]
@@ -732,6 +1180,32 @@ def _format_table(results: list[dict[str, Any]]) -> str:
             elif name != "torch_threads":
                 lines.append(f"{result['workload']:>8}: {name}: {baseline}")
     return "\n".join(lines)
+
+
+def _lora_line(result: dict[str, Any]) -> str:
+    ratios = result["vs_full"]
+    parts = [f"tokens/s {ratios['tokens_per_s']:.2f}x", f"peak RSS {ratios['peak_rss_mb']:.2f}x"]
+    if ratios.get("step_memory_mb"):
+        parts.append(f"XLA step memory {ratios['step_memory_mb']:.2f}x")
+    if ratios.get("device_peak_mb"):
+        parts.append(f"device peak {ratios['device_peak_mb']:.2f}x")
+    quantized = result["lora_quantization"]
+    return (
+        f"     dpo: LoRA r={result['lora_rank']}"
+        + ("" if quantized == "none" else f" ({quantized} base)")
+        + f", {result['trainable_params']:,} trainable of {result['num_params']:,} params; "
+        + "LoRA / full: "
+        + ", ".join(parts)
+    )
+
+
+def _grpo_split(name: str, fields: dict[str, Any]) -> str:
+    return (
+        f"    grpo: {name:<12} iteration {fields['iteration_s']:.3f} s = rollout "
+        f"{fields['rollout_s']:.3f} s ({fields['rollout_tokens_per_s']:,.0f} generated tok/s, "
+        f"{fields['rollout_share']:.0%}) + update {fields['update_s']:.3f} s "
+        f"({fields['update_tokens_per_s']:,.0f} tok/s)"
+    )
 
 
 def _run_all(args: argparse.Namespace) -> int:
@@ -789,8 +1263,10 @@ def _stdout_to_stderr():
 
 def bench_one(workload: str, args: argparse.Namespace, matmul_peak: float) -> dict[str, Any]:
     preset = PRESETS[args.preset].quick() if args.quick else PRESETS[args.preset]
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    steps = args.steps if args.steps is not None else (2 if args.quick else 20)
+    # A GRPO iteration is a whole rollout and update (seconds each): fewer of them by default.
+    long_steps = workload == "grpo"
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick or long_steps else 3)
+    steps = args.steps if args.steps is not None else (2 if args.quick else 6 if long_steps else 20)
     result = bench_jax(
         workload,
         preset,
@@ -798,6 +1274,7 @@ def bench_one(workload: str, args: argparse.Namespace, matmul_peak: float) -> di
         steps=steps,
         chunk_size=args.logits_chunk_size or None,
         dpo_two_rows=args.dpo_two_rows,
+        lora=lora_config_of(args) if workload == "dpo" else None,
     )
     device_peak = device_peak_flops(result["dtype"])
     device = jax.devices()[0]
@@ -817,7 +1294,54 @@ def bench_one(workload: str, args: argparse.Namespace, matmul_peak: float) -> di
             result["compare"] = compare_torch(
                 workload, preset, result["tokens_per_step"], warmup, steps
             )
+        for baseline in result["compare"].values():
+            if isinstance(baseline, dict) and "tokens_per_s" in baseline:
+                baseline["jaxalign_speedup"] = result["tokens_per_s"] / baseline["tokens_per_s"]
     return result
+
+
+def lora_config_of(args: argparse.Namespace) -> LoraConfig | None:
+    """`--lora-rank R` (0: full fine-tuning): adapters on every projection, alpha = 2R."""
+    if not args.lora_rank:
+        return None
+    return LoraConfig(
+        rank=args.lora_rank, alpha=2.0 * args.lora_rank, quantization=args.lora_quantization
+    )
+
+
+def _run_lora_comparison(args: argparse.Namespace) -> int:
+    """Full DPO and LoRA-DPO, each in its own process (peak RSS is a process's own) with the same
+    steps, then the ratios (LoRA / full) on the LoRA result: `vs_full`."""
+    peak = matmul_peak_gflops(quick=args.quick)
+    results = []
+    for rank in (0, args.lora_rank or LORA_RANK):
+        command = [sys.executable, __file__, "--workload", "dpo", "--preset", args.preset]
+        command += ["--json", "--matmul-peak-gflops", str(peak)]
+        command += ["--logits-chunk-size", str(args.logits_chunk_size)]
+        command += ["--lora-rank", str(rank), "--lora-quantization", args.lora_quantization]
+        # Seconds per step on a CPU: 1 warm-up and 6 timed steps unless given (--quick: 1 + 2).
+        for flag, default in (("steps", 2 if args.quick else 6), ("warmup", 1)):
+            command += [
+                f"--{flag}",
+                str(default if getattr(args, flag) is None else getattr(args, flag)),
+            ]
+        command += ["--quick"] * args.quick
+        proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode:
+            print(f"dpo (lora rank {rank}) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    full, lora = results
+    lora["vs_full"] = {
+        key: lora[key] / full[key] if lora.get(key) and full.get(key) else None
+        for key in ("tokens_per_s", "peak_rss_mb", "step_memory_mb", "device_peak_mb")
+    }
+    if args.json:
+        for result in results:
+            print(json.dumps(result), flush=True)
+    else:
+        print(_format_table(results), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -828,9 +1352,15 @@ def main(argv: list[str] | None = None) -> int:
         default=["dpo"],
         help=f"all, or comma-separated {','.join(WORKLOADS)} (run in this one process)",
     )
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="trl-tiny")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (20; --quick 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (3; --quick 1)")
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), default=None, help="trl-tiny (--lora: lora-mid)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps (20, grpo 6; --quick 2)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up steps (3, grpo 1; --quick 1)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line per workload")
     parser.add_argument("--quick", action="store_true", help="CI: small shapes, 1 + 2 steps")
     parser.add_argument("--compare-torch", action="store_true", help="also time PyTorch / TRL")
@@ -842,10 +1372,33 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="DPO with chosen and rejected as two rows (dpo.share_prompt=False)",
     )
+    parser.add_argument(
+        "--lora",
+        action="store_true",
+        help=f"LoRA-DPO against full DPO, each in its own process (rank --lora-rank or {LORA_RANK})",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="DPO trains rank-R adapters on every projection (alpha 2R) in this process; 0: full",
+    )
+    parser.add_argument(
+        "--lora-quantization", choices=QUANTIZATIONS, default="none", help="QLoRA base storage"
+    )
     parser.add_argument("--matmul-peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.preset = args.preset or ("lora-mid" if args.lora else "trl-tiny")
     if (args.steps is not None and args.steps < 1) or (args.warmup is not None and args.warmup < 0):
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if (args.lora or args.lora_rank) and args.workload != ["dpo"]:
+        parser.error("--lora and --lora-rank apply to --workload dpo alone")
+    if args.lora_rank < 0 or (
+        args.lora_quantization != "none" and not (args.lora or args.lora_rank)
+    ):
+        parser.error("--lora-rank must be >= 0; --lora-quantization needs --lora or --lora-rank")
+    if args.lora:
+        return _run_lora_comparison(args)
     if args.workload == ["all"]:
         return _run_all(args)
     matmul_peak = args.matmul_peak_gflops or matmul_peak_gflops(quick=args.quick)

@@ -15,6 +15,8 @@ import ml_collections
 
 from jaxalign.models.config import REMAT_POLICIES, SUPPORTED_MODEL_TYPES, ModelConfig
 
+ON_LONG_ROW_CHOICES = ("truncate", "skip", "error")
+
 ALGORITHMS = ("sft", "reward", "dpo", "ppo", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_LOGICAL_RULES = (
@@ -53,25 +55,25 @@ def tiny_model_init() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.algorithm = "sft"
-    c.seed = 0
+    c.algorithm = "sft"  # "sft" | "reward" | "dpo" | "ppo" | "grpo": the trainer to run
+    c.seed = 0  # seed of init, data order, dropout and sampling
 
     # Policy (and, by default, reference) weights: a HF directory or hub id, or random init.
     c.model = ml_collections.ConfigDict()
     c.model.name_or_path = ""  # empty: random init from `model.init`
-    c.model.init = tiny_model_init()
+    c.model.init = tiny_model_init()  # random-init shape (ModelConfig fields), no name_or_path
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
-    c.model.remat_policy = "none"
-    c.model.scan_layers = False
-    c.model.attention_impl = "xla"
+    c.model.remat_policy = "none"  # activation rematerialisation (compute for memory)
+    c.model.scan_layers = False  # run the layers as one nn.scan (faster compiles for deep models)
+    c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU flash attention)
     c.model.logits_chunk_size = 0  # tokens per log-softmax chunk; 0 = whole sequence
     # Low-rank adapters (LoRA; QLoRA with a quantized base): only adapters train, and the
     # reference of DPO/PPO/GRPO is the base with adapters off (no second params tree).
     c.model.lora = ml_collections.ConfigDict()
     c.model.lora.rank = 0  # 0 = full fine-tuning
-    c.model.lora.alpha = 16.0
-    c.model.lora.dropout = 0.0
+    c.model.lora.alpha = 16.0  # LoRA scale numerator (update scaled by alpha / rank)
+    c.model.lora.dropout = 0.0  # dropout on the adapter input
     # Hugging Face module names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; GPT-2:
     # c_attn,c_proj,c_fc) comma-separated, or "all-linear" (every projection but the LM head).
     c.model.lora.target_modules = "all-linear"
@@ -82,88 +84,100 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # file(s) (comma-separated), directory or hub dataset name
-    c.data.train_split = "train"
-    c.data.eval = ""
-    c.data.eval_split = "test"
-    c.data.max_length = 512
-    c.data.max_prompt_length = 256
+    c.data.train_split = "train"  # split of a hub dataset, save_to_disk folder or data folder
+    c.data.eval = ""  # held-out data, same forms as data.train; empty = no evaluation
+    c.data.eval_split = "test"  # split of data.eval
+    c.data.max_length = 512  # tokens per example (prompt + response); see on_long_row
+    c.data.max_prompt_length = 256  # prompt tokens kept (its end) in preference and prompt rows
+    # Padded lengths batches may take (one compilation each).
     c.data.buckets = (64, 128, 256, 512, 1024, 2048, 4096)
-    c.data.pack = False
+    c.data.pack = False  # SFT: pack several examples per row of max_length
     c.data.on_bad_row = "error"  # "error" | "skip" (counted and logged)
-    c.data.shuffle = True
+    # Rows longer than max_length: "truncate" (prompt keeps its end, responses are cut),
+    # "skip" or "error"; truncated and skipped rows are counted in the start-up summary.
+    c.data.on_long_row = "truncate"
+    c.data.subset = ""  # hub datasets: the subset (`name` of datasets.load_dataset)
+    c.data.data_files = ""  # hub datasets: files of the repo to read (comma-separated globs)
+    c.data.revision = ""  # hub datasets: branch, tag or commit
+    c.data.shuffle = True  # shuffle the training examples each epoch
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adamw"
-    c.optimizer.learning_rate = 1e-5
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 0
-    c.optimizer.min_lr_ratio = 0.1
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.max_grad_norm = 1.0
-    c.optimizer.grad_accum_steps = 1
+    c.optimizer.name = "adamw"  # "adamw" | "adam" | "sgd" | "rmsprop" | "adafactor"
+    c.optimizer.learning_rate = 1e-5  # peak learning rate
+    c.optimizer.schedule = "cosine"  # "constant" | "cosine" | "linear" decay after warmup
+    c.optimizer.warmup_steps = 0  # linear warmup in optimizer updates (clamped to the run)
+    c.optimizer.warmup_ratio = 0.0  # warmup as a fraction of the run's updates (or warmup_steps)
+    c.optimizer.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak (cosine, linear)
+    c.optimizer.weight_decay = 0.0  # decoupled weight decay (no decay on biases and norm scales)
+    c.optimizer.b1 = 0.9  # Adam beta1 (momentum for sgd/adafactor)
+    c.optimizer.b2 = 0.999  # Adam beta2
+    c.optimizer.eps = 1e-8  # Adam epsilon
+    c.optimizer.max_grad_norm = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    c.optimizer.grad_accum_steps = 1  # microbatches per optimizer step (batch_size split)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8  # global batch (prompts for PPO, pairs for reward/DPO)
-    c.train.num_steps = 100
-    c.train.log_every = 10
+    c.train.num_steps = 100  # optimizer steps of the run (iterations for PPO/GRPO)
+    c.train.num_epochs = 0.0  # > 0: passes over data.train; sets num_steps from the data size
+    c.train.log_every = 10  # steps between metric records and progress-bar updates
     c.train.eval_every = 0  # 0: only at the end (if eval data is given)
-    c.train.eval_batches = 8
-    c.train.checkpoint_every = 100
-    c.train.keep_checkpoints = 2
-    c.train.async_checkpoint = True
-    c.train.max_consecutive_nonfinite = 5
-    c.train.export_hf = True
+    c.train.eval_batches = 8  # batches of data.eval per evaluation
+    c.train.checkpoint_every = 100  # steps between checkpoints (the last step is always saved)
+    c.train.keep_checkpoints = 2  # checkpoints kept (the newest verified one is never pruned)
+    c.train.async_checkpoint = True  # write checkpoints in the background
+    c.train.max_consecutive_nonfinite = 5  # stop after this many non-finite steps in a row
+    c.train.export_hf = True  # write the Hugging Face model to <workdir>/hf at the end
+    c.train.push_to_hub = ""  # Hub repo id: upload the export (with its model card) at the end
+    c.train.wandb_project = ""  # Weights & Biases project; empty = off (needs `pip install wandb`)
+    c.train.wandb_mode = "online"  # "online" | "offline" (logged locally, `wandb sync` later)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1, 1)
-    c.mesh.axis_names = ("data", "fsdp", "tensor")
-    c.mesh.logical_rules = DEFAULT_LOGICAL_RULES
-    c.mesh.distributed = False
+    c.mesh.shape = (-1, 1, 1)  # devices per mesh axis (data, fsdp, tensor); -1 fills the rest
+    c.mesh.axis_names = ("data", "fsdp", "tensor")  # mesh axis names
+    c.mesh.logical_rules = DEFAULT_LOGICAL_RULES  # parameter/batch logical axis -> mesh axis rules
+    c.mesh.distributed = False  # multi-host: call jax.distributed.initialize() first
     c.mesh.dcn_shape = ()  # multi-slice: e.g. (2, 1, 1) data-parallel across slices
 
     c.reward = ml_collections.ConfigDict()
-    c.reward.margin = 0.0
+    c.reward.margin = 0.0  # Bradley-Terry margin m in -log sigmoid(r_c - r_r - m)
     c.reward.center_coef = 0.0  # λ of λ·(r_c + r_r)²
 
     c.dpo = ml_collections.ConfigDict()
-    c.dpo.beta = 0.1
-    c.dpo.loss_type = "sigmoid"
-    c.dpo.label_smoothing = 0.0
-    c.dpo.reference_free = False
-    c.dpo.rpo_alpha = 0.0
-    c.dpo.simpo_gamma = 0.5
+    c.dpo.beta = 0.1  # KL strength of the implicit reward
+    c.dpo.loss_type = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo | orpo
+    c.dpo.label_smoothing = 0.0  # assumed label noise (cDPO / robust DPO), in [0, 0.5)
+    c.dpo.reference_free = False  # drop the reference log-probs (reference = uniform)
+    c.dpo.rpo_alpha = 0.0  # weight of RPO's NLL term on chosen responses; 0 = off
+    c.dpo.simpo_gamma = 0.5  # SimPO target reward margin
     c.dpo.reference_name_or_path = ""  # default: the policy's initial weights
-    c.dpo.precompute_reference = False
+    c.dpo.precompute_reference = False  # reference log-probs once before training (one model)
     # One `prompt + chosen + rejected` row per pair (the prompt run once) instead of two rows.
     c.dpo.share_prompt = True
 
     c.ppo = ml_collections.ConfigDict()
     c.ppo.reward_model = ""  # HF dir of a scalar-head model, or "judge:<name>" for a Python judge
     c.ppo.critic_init = "reward"  # "reward" | "policy"
-    c.ppo.reference_name_or_path = ""
-    c.ppo.max_new_tokens = 32
-    c.ppo.temperature = 1.0
-    c.ppo.top_k = 0
-    c.ppo.top_p = 1.0
+    c.ppo.reference_name_or_path = ""  # default: the policy's initial weights
+    c.ppo.max_new_tokens = 32  # response tokens sampled per prompt
+    c.ppo.temperature = 1.0  # sampling temperature
+    c.ppo.top_k = 0  # sample from the k most likely tokens; 0 = all
+    c.ppo.top_p = 1.0  # nucleus sampling mass; 1 = off
     c.ppo.stop_token = ""  # extra stop string (a single token); EOS always stops
-    c.ppo.num_epochs = 4
-    c.ppo.num_minibatches = 2
-    c.ppo.clip_eps = 0.2
-    c.ppo.value_clip_eps = 0.2
-    c.ppo.value_coef = 0.1
-    c.ppo.entropy_coef = 0.0
-    c.ppo.gamma = 1.0
-    c.ppo.lam = 0.95
-    c.ppo.kl_coef = 0.05
-    c.ppo.kl_estimator = "k1"
-    c.ppo.adaptive_kl = False
-    c.ppo.kl_target = 6.0
-    c.ppo.kl_horizon = 10000
-    c.ppo.whiten_advantages = True
-    c.ppo.whiten_rewards = False
+    c.ppo.num_epochs = 4  # passes over each rollout batch
+    c.ppo.num_minibatches = 2  # minibatches per pass
+    c.ppo.clip_eps = 0.2  # policy ratio clip range
+    c.ppo.value_clip_eps = 0.2  # value clip range
+    c.ppo.value_coef = 0.1  # weight of the value loss
+    c.ppo.entropy_coef = 0.0  # weight of the entropy bonus
+    c.ppo.gamma = 1.0  # discount
+    c.ppo.lam = 0.95  # GAE lambda
+    c.ppo.kl_coef = 0.05  # KL penalty coefficient beta in the per-token reward
+    c.ppo.kl_estimator = "k1"  # "k1" | "k2" | "k3"
+    c.ppo.adaptive_kl = False  # adapt kl_coef towards kl_target (Ziegler et al. 2019)
+    c.ppo.kl_target = 6.0  # target KL of the adaptive controller
+    c.ppo.kl_horizon = 10000  # horizon of the adaptive controller
+    c.ppo.whiten_advantages = True  # normalise advantages per batch
+    c.ppo.whiten_rewards = False  # normalise rewards per batch
     c.ppo.missing_eos_penalty = -1.0  # added to the score of responses without EOS; 0 = off
 
     # Critic-free online RL (GRPO family). train.batch_size counts prompts; each iteration samples
@@ -173,11 +187,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Comma-separated: `module:function` (TRL's reward-function signature), `judge:NAME`, or a
     # reward-model directory; weighted by reward_weights (comma-separated floats; empty = all 1).
     c.grpo.reward_funcs = ""
-    c.grpo.reward_weights = ""
+    c.grpo.reward_weights = ""  # comma-separated weights of reward_funcs; empty = all 1
     c.grpo.advantage_estimator = "grpo"  # "grpo" (group-normalised) | "rloo" (leave-one-out)
     c.grpo.scale_rewards = "group"  # "group" | "batch" | "none" (Dr. GRPO)
     c.grpo.loss_type = "grpo"  # "grpo" | "dr_grpo" | "dapo"
-    c.grpo.epsilon_low = 0.2
+    c.grpo.epsilon_low = 0.2  # lower clip range of the ratio
     c.grpo.epsilon_high = 0.2  # > epsilon_low: DAPO's clip-higher
     c.grpo.importance_sampling_level = "token"  # "token" | "sequence" (GSPO)
     c.grpo.num_iterations = 1  # updates per rollout batch (μ)
@@ -186,10 +200,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.mask_truncated_completions = False  # completions without EOS do not count in the loss
     c.grpo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal (counted)
     c.grpo.max_refill_batches = 0  # with dynamic_sampling: extra prompt batches to refill from
-    c.grpo.max_new_tokens = 64
-    c.grpo.temperature = 1.0
-    c.grpo.top_k = 0
-    c.grpo.top_p = 1.0
+    c.grpo.max_new_tokens = 64  # completion tokens sampled per prompt
+    c.grpo.temperature = 1.0  # sampling temperature
+    c.grpo.top_k = 0  # sample from the k most likely tokens; 0 = all
+    c.grpo.top_p = 1.0  # nucleus sampling mass; 1 = off
     c.grpo.stop_token = ""  # extra stop string (a single token); EOS always stops
     return c
 
@@ -295,6 +309,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         "a quantized base (QLoRA) needs adapters: set model.lora.rank > 0",
     )
     _check_choice(config, "data.on_bad_row", ("error", "skip"))
+    _check_choice(config, "data.on_long_row", ON_LONG_ROW_CHOICES)
+    _check_choice(config, "train.wandb_mode", ("online", "offline"))
+    _check(config.train.num_epochs >= 0, "train.num_epochs", "must be >= 0 (0: use num_steps)")
+    _check(0 <= config.optimizer.warmup_ratio < 1, "optimizer.warmup_ratio", "must be in [0, 1)")
+    _check(
+        not (config.optimizer.warmup_ratio and config.optimizer.warmup_steps),
+        "optimizer.warmup_ratio",
+        "set warmup_ratio or warmup_steps, not both",
+    )
     _check_choice(config, "optimizer.name", ("adamw", "adam", "sgd", "rmsprop", "adafactor"))
     _check_choice(config, "optimizer.schedule", ("constant", "cosine", "linear"))
     if not config.model.name_or_path:
@@ -314,20 +337,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         )
     _check(config.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
     _check(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1")
-    # Warmup counts optimizer updates: PPO makes num_epochs * num_minibatches per train step,
-    # GRPO num_iterations.
-    updates_per_step = 1
-    if config.algorithm == "ppo":
-        updates_per_step = config.ppo.num_epochs * config.ppo.num_minibatches
-    elif config.algorithm == "grpo":
-        updates_per_step = config.grpo.num_iterations
-    num_updates = config.train.num_steps * updates_per_step
-    _check(
-        0 <= config.optimizer.warmup_steps <= num_updates,
-        "optimizer.warmup_steps",
-        f"{config.optimizer.warmup_steps} must be in [0, {num_updates}], the optimizer updates "
-        f"of train.num_steps={config.train.num_steps}",
-    )
+    # Warmup counts optimizer updates; one longer than the run is clamped to it (a short smoke
+    # run of a long recipe needs no override), see `jaxalign.optim.warmup_steps_for`.
+    _check(config.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     # Rows per update: GRPO trains on num_generations completions of each prompt.
     rows = config.train.batch_size
     if config.algorithm == "grpo":

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 
+logger = logging.getLogger(__name__)
+
 _ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 _ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 _ENV_PROCESS_ID = "JAX_PROCESS_ID"
@@ -43,7 +45,7 @@ def maybe_initialize(mesh_config: Any) -> bool:
             num_processes=_env_int(_ENV_NUM_PROCESSES),
             process_id=_env_int(_ENV_PROCESS_ID),
         )
-    logging.info(
+    logger.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
         jax.process_count(),

@@ -45,7 +45,13 @@ class VaderSentimentJudge:
 
     def __init__(self, *, include_prompt: bool = True):
         # Imported here so `jaxalign.judges` imports without vaderSentiment installed.
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise ImportError(
+                "the vader judge needs vaderSentiment, part of the demo extra: "
+                'pip install -e ".[demo]"'
+            ) from None
 
         self.include_prompt = include_prompt
         self._analyzer = SentimentIntensityAnalyzer()

@@ -1,14 +1,14 @@
-"""Training metrics: JSONL + TensorBoard + a tqdm bar, and a recompilation tracer.
+"""Training metrics: JSONL + TensorBoard (+ Weights & Biases) + a tqdm bar, and a recompilation
+tracer.
 
 ``MetricWriter.write(step, scalars)`` is the only place device scalars are pulled to the
 host: call it every ``log_every`` steps with the (still on-device) scalars and it does one
 ``jax.device_get`` for the whole dict.
 
-Derived scalars added to every record:
-  * ``steps_per_sec`` since the previous write;
-  * ``tokens_per_sec`` if ``scalars`` has ``total_tokens`` (a *cumulative* token count;
-    the writer differences it between writes, so the trainer keeps a running sum only).
-The bar shows ``loss`` and ``tokens_per_sec`` (or a caller-supplied ``tokens_per_s``).
+One rate is added to every record after the first: ``tokens_per_sec`` if ``scalars`` has
+``num_tokens`` (a *cumulative* token count, as TRL logs it; the writer differences it between
+writes, so the trainer keeps a running sum only), else ``steps_per_sec``.
+The bar shows the algorithm's key metrics (``PROGRESS_KEYS``, those present) and the rate.
 """
 
 from __future__ import annotations
@@ -23,7 +23,21 @@ from typing import Any
 import jax
 import numpy as np
 
-TOKENS_KEY = "total_tokens"
+TOKENS_KEY = "num_tokens"
+# What the progress bar shows, in this order, of the keys a record has (at most 4): SFT, DPO,
+# reward model, PPO, GRPO, then evaluation.
+PROGRESS_KEYS = (
+    ("loss", "loss"),
+    ("mean_token_accuracy", "acc"),
+    ("rewards/accuracies", "acc"),
+    ("rewards/margins", "margin"),
+    ("accuracy", "acc"),
+    ("objective/score", "score"),
+    ("objective/kl", "kl"),
+    ("reward", "reward"),
+    ("kl", "kl"),
+    ("eval/loss", "eval_loss"),
+)
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -43,6 +57,7 @@ class MetricWriter:
         total_steps: int,
         enabled: bool | None = None,
         progress_bar: bool = True,
+        wandb: Mapping[str, Any] | None = None,
     ):
         """Opens the outputs (appending, so resumed runs continue the same files).
 
@@ -51,12 +66,15 @@ class MetricWriter:
           total_steps: last step of the run, for the bar's ETA.
           enabled: write anything at all; default ``jax.process_index() == 0``.
           progress_bar: show a tqdm bar (stderr).
+          wandb: ``{"project", "mode", "config"}`` to log to Weights & Biases as well (``mode``
+            ``"offline"`` writes under ``<workdir>/wandb`` for a later ``wandb sync``); the run id
+            is kept in ``<workdir>/wandb_run_id`` so a resumed run continues the same run.
         """
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
         self._last_step: tuple[int, float] | None = None  # (step, time) of the last write
-        self._last_tokens: tuple[float, float] | None = None  # (total_tokens, time)
-        self._jsonl = self._tb = self._bar = None
+        self._last_tokens: tuple[float, float] | None = None  # (num_tokens, time)
+        self._jsonl = self._tb = self._bar = self._wandb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -69,6 +87,8 @@ class MetricWriter:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        if wandb:
+            self._wandb = _start_wandb(os.fspath(workdir), wandb)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> dict[str, float]:
         """Logs one record; the single host sync of a log step.
@@ -85,37 +105,37 @@ class MetricWriter:
         host = jax.device_get(dict(scalars))
         values = {name: _to_float(name, value) for name, value in host.items()}
         now = time.time()
-        if self._last_step is not None and step > self._last_step[0] and now > self._last_step[1]:
-            values["steps_per_sec"] = (step - self._last_step[0]) / (now - self._last_step[1])
         if TOKENS_KEY in values:
             if self._last_tokens is not None and now > self._last_tokens[1]:
                 tokens, then = self._last_tokens
                 values["tokens_per_sec"] = (values[TOKENS_KEY] - tokens) / (now - then)
             self._last_tokens = (values[TOKENS_KEY], now)
+        elif self._last_step is not None and step > self._last_step[0] and now > self._last_step[1]:
+            values["steps_per_sec"] = (step - self._last_step[0]) / (now - self._last_step[1])
         if self._last_step is None or step > self._last_step[0]:
             self._last_step = (step, now)
 
         self._jsonl.write(json.dumps({"step": int(step), "time": now, **values}) + "\n")
         for name, value in values.items():
             self._tb.add_scalar(name, value, global_step=step, walltime=now)
+        if self._wandb is not None:
+            self._wandb.log(values, step=int(step))
         if self._bar is not None:
             self._bar.update(max(step - self._bar.n, 0))
-            tokens_per_sec = values.get("tokens_per_sec", values.get("tokens_per_s"))
-            postfix = {"loss": values.get("loss"), "tok/s": tokens_per_sec}
-            self._bar.set_postfix(
-                {k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=True
-            )
+            self._bar.set_postfix(progress_postfix(values), refresh=True)
         return values
 
     def close(self) -> None:
         """Flushes and closes all outputs."""
         if self._bar is not None:
             self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
-        self._jsonl = self._tb = self._bar = None
+        self._jsonl = self._tb = self._bar = self._wandb = None
         self.enabled = False
 
     def __enter__(self) -> MetricWriter:
@@ -123,6 +143,46 @@ class MetricWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def progress_postfix(values: Mapping[str, float]) -> dict[str, str]:
+    """The progress bar's fields: up to 4 of ``PROGRESS_KEYS`` that ``values`` has, and the rate."""
+    shown: dict[str, str] = {}
+    for key, label in PROGRESS_KEYS:
+        if key in values and label not in shown and len(shown) < 4:
+            shown[label] = f"{values[key]:.4g}"
+    if "tokens_per_sec" in values:
+        shown["tok/s"] = f"{values['tokens_per_sec']:,.0f}"
+    return shown
+
+
+def _start_wandb(workdir: str, options: Mapping[str, Any]) -> Any:
+    """A Weights & Biases run (``wandb`` is imported only here: it is an optional dependency)."""
+    try:
+        import wandb
+    except ImportError:
+        from jaxalign.config import ConfigError
+
+        raise ConfigError(
+            "config.train.wandb_project: logging to Weights & Biases needs `pip install wandb`"
+        ) from None
+    id_file = os.path.join(workdir, "wandb_run_id")
+    if os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with open(id_file, "w") as f:
+            f.write(run_id)
+    return wandb.init(
+        project=options["project"],
+        mode=options.get("mode", "online"),
+        config=dict(options.get("config") or {}),
+        dir=workdir,
+        id=run_id,
+        name=os.path.basename(os.path.abspath(workdir)),
+        resume="allow",
+    )
 
 
 def shape_signature(batch: Any) -> tuple[tuple[str, tuple[int, ...], str], ...]:

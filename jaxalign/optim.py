@@ -94,6 +94,14 @@ def _scale_by(opt_config: Any) -> optax.GradientTransformation:
     raise ValueError(f"optimizer.name={name!r} not in {OPTIMIZERS}.")
 
 
+def warmup_steps_for(opt_config: Any, total_steps: int) -> int:
+    """Warmup updates of a run of `total_steps` updates: `warmup_steps`, or `warmup_ratio` of the
+    run (rounded), clamped to the run so a short smoke run of a long recipe needs no override."""
+    ratio = getattr(opt_config, "warmup_ratio", 0.0) or 0.0
+    warmup = opt_config.warmup_steps or round(ratio * total_steps)
+    return max(0, min(int(warmup), total_steps))
+
+
 def make_optimizer(
     opt_config: Any,
     *,
@@ -121,7 +129,7 @@ def make_optimizer(
     schedule = make_schedule(
         learning_rate=opt_config.learning_rate,
         schedule=opt_config.schedule,
-        warmup_steps=opt_config.warmup_steps,
+        warmup_steps=warmup_steps_for(opt_config, total_steps),
         total_steps=total_steps,
         min_lr_ratio=opt_config.min_lr_ratio,
     )

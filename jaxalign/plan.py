@@ -16,9 +16,27 @@ shard shape (it raises if a rule does not divide a dim). Bytes per device:
   optimizer state  Σ shard sizes of `jax.eval_shape(tx.init, params)` for `config.optimizer`
   gradients        params × 2 when grad_accum_steps > 1 (float32 accumulator + a microbatch's)
   frozen models    DPO: the reference (not when reference-free or precomputed); PPO: the
-                   reference and the reward model. Stored in param_dtype, as the trainers do.
-  activations      `activation_bytes` for one microbatch; PPO: the larger of the update step
-                   (policy + critic) and the rollout (KV cache + one forward)
+                   reference and the reward model; GRPO: the reference when grpo.beta > 0.
+                   Stored in param_dtype, as the trainers do.
+  activations      `activation_bytes` for one microbatch; PPO and GRPO: the larger of the update
+                   step (PPO: policy + critic) and the rollout (KV cache + one forward)
+
+With LoRA (`model.lora.rank > 0`) the policy (or reward model) is `jaxalign.models.lora`'s
+`LoraModel`: its abstract params give every count, so the plan is what the trainers allocate.
+
+  params           the trainable leaves only: adapters A [in, r] and B [r, out] of every targeted
+                   projection (`LoraConfig.flax_targets`: r·(in + out) per layer and target),
+                   plus the scalar head of a reward model (PEFT's `modules_to_save`)
+  optimizer state  of the trainable leaves only; gradients likewise
+  frozen base      the base in param_dtype, or (QLoRA) its targeted kernels quantized: int8 one
+                   byte per weight + one float32 scale per output channel; nf4 half a byte per
+                   weight + one float32 scale per block of `nf4_block_size` (64) inputs
+  frozen models    no reference copy for DPO, PPO or GRPO (the reference is the base with the
+                   adapters off); PPO's reward model is still a frozen model and its critic is
+                   trained fully (its own model, not the policy's base)
+  activations      as without LoRA (the frozen base still needs the backward through every layer;
+                   the adapters' [n, r] activations are negligible)
+The printed plan puts the full fine-tuning plan beside it and the saving per device.
 
 Not counted: XLA temporaries beyond the estimate, fragmentation, and the runtime's own share
 (on GPU, JAX preallocates 75% of memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised).
@@ -39,6 +57,7 @@ from jax.sharding import AbstractMesh
 from jaxalign import sharding as shd
 from jaxalign.config import validate
 from jaxalign.models import ModelConfig, Transformer, from_hf_config
+from jaxalign.models.lora import LoraConfig, is_adapter, make_lora_model
 from jaxalign.optim import make_optimizer
 from jaxalign.trainers.dpo import needs_reference_model
 from jaxalign.trainers.setup import abstract_params, model_config_for
@@ -176,14 +195,53 @@ def _abstract(config: ModelConfig) -> Any:
 
 
 def sharded_bytes(tree: Any, mesh: AbstractMesh, rules: Any) -> int:
-    """Per-device bytes of a boxed abstract pytree under the logical `rules` on `mesh`."""
+    """Per-device bytes of a boxed abstract pytree under the logical `rules` on `mesh`.
+
+    Quantized leaves (qwix `QArray`: codes + scales) count their codes in bits (nf4: 4 per weight).
+    """
     shardings = shd.param_shardings(tree, mesh, rules)
     sizes = jax.tree.map(
-        lambda leaf, s: math.prod(s.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize,
+        lambda leaf, s: math.ceil(
+            math.prod(s.shard_shape(leaf.shape)) * jax.dtypes.itemsize_bits(leaf.dtype) / 8
+        ),
         shd.unbox(tree),
         shardings,
     )
     return int(sum(jax.tree.leaves(sizes)))
+
+
+def lora_config_of(model_cfg: ml_collections.ConfigDict) -> LoraConfig | None:
+    """The run's `LoraConfig`, or None for full fine-tuning (`model.lora.rank == 0`)."""
+    lora = model_cfg.lora
+    if not lora.rank:
+        return None
+    return LoraConfig(
+        rank=lora.rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        quantization=lora.quantization,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_lora(config: ModelConfig, lora: LoraConfig) -> tuple[Any, Any]:
+    """`(trainable, frozen)` boxed abstract params of the LoRA model, split as the trainers do."""
+    # Shapes do not depend on the compute dtype (and qwix's float32 adapter output breaks the
+    # bfloat16 scan carry of a float32-param model at init).
+    shape_config = config.replace(attention_impl="xla", dtype=config.param_dtype)
+    lora_model = make_lora_model(Transformer(shape_config), lora)
+    return lora_model.split(lora_model.abstract_params())
+
+
+def count_params(tree: Any, *, adapters_only: bool = False) -> int:
+    """Parameters (weights, not bytes) in a boxed abstract tree; `adapters_only`: A and B alone."""
+    leaves = jax.tree_util.tree_leaves_with_path(shd.unbox(tree))
+    return sum(
+        math.prod(leaf.shape)
+        for path, leaf in leaves
+        if not adapters_only or is_adapter(tuple(getattr(k, "key", str(k)) for k in path))
+    )
 
 
 # ----------------------------------------------------------------------------- activations
@@ -281,9 +339,12 @@ def plan_memory(
       device_memory_bytes: memory of one device.
 
     Returns:
-      A dict: `models` (role, source, params, bytes per device, trained), `param_count` (trained),
-      `bytes` (params, optimizer_state, gradients, frozen_models, activations), `activations`
-      (the estimate's parts), `rows_per_device`, `seq_len`, `total_bytes`, `fits`.
+      A dict: `models` (role, source, params, bytes per device, trained; with LoRA also
+      `adapter_params`, `trainable_params`, `trainable_bytes`, `frozen_bytes`), `param_count`
+      (trainable parameters), `bytes` (params, optimizer_state, gradients, frozen_base,
+      frozen_models, activations), `activations` (the estimate's parts), `rows_per_device`,
+      `seq_len`, `total_bytes`, `fits`, `lora` (the `LoraConfig` or None) and, with LoRA,
+      `full_finetune` (the same plan with `model.lora.rank = 0`).
     """
     axis_names = tuple(config.mesh.axis_names)
     unknown = set(mesh_shape) - set(axis_names)
@@ -299,36 +360,59 @@ def plan_memory(
     data_parallel, tensor = axes["data"] * axes["fsdp"], axes["tensor"]
     rules, model_cfg, algorithm = config.mesh.logical_rules, config.model, config.algorithm
     micro = config.train.batch_size // config.optimizer.grad_accum_steps
+    lora = lora_config_of(model_cfg)
     models: list[dict[str, Any]] = []
 
-    def add(role: str, name_or_path: str, *, head: str, trained: bool) -> ModelConfig:
+    def add(
+        role: str, name_or_path: str, *, head: str, trained: bool, adapters: bool = False
+    ) -> ModelConfig:
+        """Adds a model; `adapters`: LoRA on it (only the adapters and a scalar head train)."""
         model_config, source = resolve_model_config(model_cfg, name_or_path, head=head)
-        boxed = _abstract(model_config)
-        models.append(
-            dict(
-                role=role,
-                name_or_path=name_or_path or "(random init)",
-                source=source,
-                config=model_config,
-                boxed=boxed,
-                params=model_config.num_params(),
-                bytes=sharded_bytes(boxed, mesh, rules),
-                trained=trained,
-            )
+        entry = dict(
+            role=role,
+            name_or_path=name_or_path or "(random init)",
+            source=source,
+            config=model_config,
+            params=model_config.num_params(),
+            trained=trained,
         )
+        if adapters:
+            trainable, frozen = _abstract_lora(model_config, lora)
+            entry.update(
+                boxed=trainable,
+                adapter_params=count_params(trainable, adapters_only=True),
+                trainable_params=count_params(trainable),
+                trainable_bytes=sharded_bytes(trainable, mesh, rules),
+                frozen_bytes=sharded_bytes(frozen, mesh, rules),
+            )
+        else:
+            boxed = _abstract(model_config)
+            size = sharded_bytes(boxed, mesh, rules)
+            entry.update(
+                boxed=boxed,
+                adapter_params=0,
+                trainable_params=entry["params"] if trained else 0,
+                trainable_bytes=size if trained else 0,
+                frozen_bytes=0 if trained else size,
+            )
+        entry["bytes"] = entry["trainable_bytes"] + entry["frozen_bytes"]
+        models.append(entry)
         return model_config
 
     policy_head = "scalar" if algorithm == "reward" else "lm"
-    policy = add("policy", model_cfg.name_or_path, head=policy_head, trained=True)
+    policy = add(
+        "policy", model_cfg.name_or_path, head=policy_head, trained=True, adapters=bool(lora)
+    )
     chunk = config.model.logits_chunk_size
     if algorithm == "ppo":
         ppo = config.ppo
-        add(
-            "reference",
-            ppo.reference_name_or_path or model_cfg.name_or_path,
-            head="lm",
-            trained=False,
-        )
+        if lora is None:  # with LoRA the reference is the policy's base, adapters off
+            add(
+                "reference",
+                ppo.reference_name_or_path or model_cfg.name_or_path,
+                head="lm",
+                trained=False,
+            )
         has_rm = not ppo.reward_model.startswith("judge:")
         if has_rm:
             add("reward model", ppo.reward_model, head="scalar", trained=False)
@@ -363,8 +447,33 @@ def plan_memory(
         }
         activations = max(update, kv_cache + forward)
         total_steps = config.train.num_steps * ppo.num_epochs * ppo.num_minibatches
+    elif algorithm == "grpo":
+        grpo = config.grpo
+        if grpo.beta and lora is None:  # β = 0 loads no reference; LoRA's is the base
+            reference = grpo.reference_name_or_path or model_cfg.name_or_path
+            add("reference", reference, head="lm", trained=False)
+        seq_len = config.data.max_prompt_length + grpo.max_new_tokens
+        rollout_rows = config.train.batch_size * grpo.num_generations
+        rows = _rows_per_device(
+            rollout_rows // config.optimizer.grad_accum_steps, 1, data_parallel, "train.batch_size"
+        )
+        update = activation_bytes(
+            policy, rows=rows, seq_len=seq_len, tensor=tensor, chunk_size=chunk
+        )["total"]
+        per_device = _rows_per_device(rollout_rows, 1, data_parallel, "train.batch_size")
+        kv_cache = kv_cache_bytes(policy, rows=per_device, seq_len=seq_len)
+        forward = activation_bytes(
+            policy, rows=per_device, seq_len=seq_len, tensor=tensor, chunk_size=chunk
+        )["transient"]
+        detail = {
+            "update step": update,
+            "rollout: KV cache": kv_cache,
+            "rollout: scoring forward": forward,
+        }
+        activations = max(update, kv_cache + forward)
+        total_steps = config.train.num_steps * grpo.num_iterations
     else:
-        if algorithm == "dpo" and needs_reference_model(config.dpo):
+        if algorithm == "dpo" and needs_reference_model(config.dpo) and lora is None:
             if not config.dpo.precompute_reference:
                 reference = config.dpo.reference_name_or_path or model_cfg.name_or_path
                 add("reference", reference, head="lm", trained=False)
@@ -379,24 +488,34 @@ def plan_memory(
     trained = [m for m in models if m["trained"]]
     boxed = trained[0]["boxed"] if len(trained) == 1 else {m["role"]: m["boxed"] for m in trained}
     tx, _ = make_optimizer(config.optimizer, total_steps=total_steps)
-    params_bytes = sum(m["bytes"] for m in trained)
+    params_bytes = sum(m["trainable_bytes"] for m in trained)
     grad_copies = 2 if config.optimizer.grad_accum_steps > 1 else 1
     breakdown = {
         "params": params_bytes,
         "optimizer_state": sharded_bytes(jax.eval_shape(tx.init, boxed), mesh, rules),
         "gradients": params_bytes * grad_copies,
+        "frozen_base": sum(m["frozen_bytes"] for m in trained),  # LoRA: the base under adapters
         "frozen_models": sum(m["bytes"] for m in models if not m["trained"]),
         "activations": activations,
     }
     total = sum(breakdown.values())
     for m in models:
         del m["boxed"]
+    full_finetune = None
+    if lora is not None:
+        full_config = config.copy_and_resolve_references()
+        full_config.model.lora.rank, full_config.model.lora.quantization = 0, "none"
+        full_finetune = plan_memory(
+            full_config, mesh_shape=mesh_shape, device_memory_bytes=device_memory_bytes
+        )
     return {
         "algorithm": algorithm,
         "mesh": axes,
         "num_devices": math.prod(sizes),
         "models": models,
-        "param_count": sum(m["params"] for m in trained),
+        "param_count": sum(m["trainable_params"] for m in trained),
+        "lora": lora,
+        "full_finetune": full_finetune,
         "rows_per_device": rows,
         "seq_len": seq_len,
         "grad_copies": grad_copies,
@@ -415,9 +534,10 @@ def verdict_line(plan: dict[str, Any]) -> str:
 
 
 def format_plan(plan: dict[str, Any], config: ml_collections.ConfigDict) -> str:
-    """The human-readable plan; its last line is `verdict_line`."""
+    """The human-readable plan; its last line is `verdict_line`. With LoRA a `full FT` column
+    holds the full fine-tuning plan of the same config, and a line the saving per device."""
     mesh = " ".join(f"{k}={v}" for k, v in plan["mesh"].items())
-    m = config.model
+    m, lora, full = config.model, plan["lora"], plan.get("full_finetune")
     lines = [
         f"algorithm {plan['algorithm']} | mesh {mesh} ({plan['num_devices']} devices) | "
         f"dtype {m.dtype}, params {m.param_dtype} | remat {m.remat_policy} | "
@@ -430,26 +550,66 @@ def format_plan(plan: dict[str, Any], config: ml_collections.ConfigDict) -> str:
             f"{model['params']:,} params, {model['bytes'] / GIB:.2f} GiB/device"
             + ("" if model["trained"] else " (frozen)")
         )
+        if model["adapter_params"]:
+            targets = ",".join(lora.hf_targets(c.model_type))
+            lines.append(
+                f"  {'':<13} + LoRA r={lora.rank} alpha={lora.alpha:g} on {targets}: "
+                f"{model['adapter_params']:,} adapter params "
+                f"({model['adapter_params'] / model['params']:.2%}); base {_base_storage(plan, config)}"
+            )
+    total_params = sum(x["params"] for x in plan["models"] if x["trained"])
+    trained = f"{plan['param_count']:,}"
+    if lora is not None:
+        trained += f" of {total_params:,} ({plan['param_count'] / total_params:.2%})"
     lines.append(
-        f"trained parameters: {plan['param_count']:,}; per device per microbatch: "
+        f"trained parameters: {trained}; per device per microbatch: "
         f"{plan['rows_per_device']} rows x {plan['seq_len']} tokens"
     )
     gradients = "gradients" + (" (x2: accumulation)" if plan["grad_copies"] == 2 else "")
     labels = {
-        "params": "params",
+        "params": "params" + (" (trainable)" if lora else ""),
         "optimizer_state": f"optimizer state ({config.optimizer.name})",
         "gradients": gradients,
-        "frozen_models": "frozen models",
+        "frozen_base": "frozen base ("
+        + (
+            f"{lora.quantization} kernels"
+            if lora and lora.quantization != "none"
+            else m.param_dtype
+        )
+        + ")",
+        "frozen_models": "frozen models" + (" (no reference)" if lora else ""),
         "activations": "activations (estimate)",
     }
-    lines.append(f"{'per device':<32}{'GiB':>9}")
+    if lora is None:
+        del labels["frozen_base"]
+
+    def row(label: str, value: int, full_value: int | None) -> str:
+        line = f"  {label:<30}{value / GIB:>9.2f}"
+        return line + (f"{full_value / GIB:>10.2f}" if full_value is not None else "")
+
+    lines.append(f"{'per device':<32}{'GiB':>9}" + (f"{'full FT':>10}" if full else ""))
     for key, label in labels.items():
-        lines.append(f"  {label:<30}{plan['bytes'][key] / GIB:>9.2f}")
+        lines.append(row(label, plan["bytes"][key], full["bytes"][key] if full else None))
         if key == "activations":
             lines += [f"    {k:<28}{v / GIB:>9.2f}" for k, v in plan["activations"].items()]
-    lines.append(f"  {'total':<30}{plan['total_bytes'] / GIB:>9.2f}")
+    lines.append(row("total", plan["total_bytes"], full["total_bytes"] if full else None))
+    if full:
+        saved = full["total_bytes"] - plan["total_bytes"]
+        lines.append(
+            f"LoRA saves {saved / GIB:.2f} GiB per device vs full fine-tuning "
+            f"({full['total_bytes'] / GIB:.2f} -> {plan['total_bytes'] / GIB:.2f} GiB, "
+            f"-{saved / full['total_bytes']:.0%}; {verdict_line(full).split(':')[0].lower()} "
+            "without LoRA)"
+        )
     lines.append(verdict_line(plan))
     return "\n".join(lines)
+
+
+def _base_storage(plan: dict[str, Any], config: ml_collections.ConfigDict) -> str:
+    lora = plan["lora"]
+    if lora is None or lora.quantization == "none":
+        return config.model.param_dtype
+    return f"targeted kernels {lora.quantization}, rest {config.model.param_dtype}"
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -478,6 +638,7 @@ def main() -> None:
     )
     mesh_flag = flags.DEFINE_string("mesh", None, "AXIS=SIZE,... e.g. data=1,fsdp=8,tensor=1.")
     memory_flag = flags.DEFINE_float("device-memory-gb", None, "Memory of one device in GiB.")
+    flags.DEFINE_alias("device_memory_gb", "device-memory-gb")  # the flag style of every command
     flags.mark_flags_as_required(["config", "device-memory-gb"])
 
     def run(argv: list[str]) -> None:

@@ -78,6 +78,52 @@ def test_sft_and_generate_in_one_process():
     assert gen["tokens_per_step"] == quick.gen_batch * quick.gen_new_tokens
 
 
+def check_grpo(result: dict) -> None:
+    """The GRPO fields: rollout + update make the iteration, tokens add up."""
+    check_contract(result, "grpo")
+    quick = bench.PRESETS["tiny"].quick()
+    rows = quick.batch * quick.num_generations
+    assert (result["num_prompts"], result["num_generations"]) == (quick.batch, 4)
+    assert result["batch"] == rows
+    assert result["tokens_per_step"] == rows * (quick.prompt_len + quick.completion_len)
+    assert result["iteration_s"] == pytest.approx(result["rollout_s"] + result["update_s"])
+    assert result["rollout_share"] == pytest.approx(result["rollout_s"] / result["iteration_s"])
+    # EOS is disabled: every completion is N tokens
+    generated = rows * quick.completion_len
+    assert result["rollout_tokens_per_s"] == pytest.approx(generated / result["rollout_s"])
+    assert result["update_tokens_per_s"] == pytest.approx(
+        result["tokens_per_step"] / result["update_s"]
+    )
+    assert 0 <= result["reward_mean"] <= 1
+
+
+def test_grpo_iteration_prints_one_json_line():
+    (result,) = run_bench("--workload", "grpo", "--preset", "tiny", "--quick", "--json")
+    check_grpo(result)
+
+
+def test_grpo_compare_trl_keeps_stdout_to_the_json_line():
+    """TRL's GRPOTrainer on the same prompts and reward; its summary print must not reach stdout."""
+    pytest.importorskip("trl")
+    (result,) = run_bench(
+        "--workload", "grpo", "--preset", "tiny", "--quick", "--json", "--compare-torch"
+    )
+    check_grpo(result)
+    baseline = result["compare"]["trl_grpo"]
+    assert "error" not in baseline, baseline
+    assert baseline["iteration_s"] > 0 and 0 < baseline["rollout_share"] < 1, baseline
+    assert baseline["jaxalign_speedup"] == pytest.approx(
+        result["tokens_per_s"] / baseline["tokens_per_s"]
+    )
+
+
+def test_grpo_reward_has_trls_signature():
+    scores = bench.grpo_reward(
+        prompts=["a", "b"], completions=["x", "y"], completion_ids=[[2, 3], [4]], answer=[1, 2]
+    )
+    assert scores == [0.5, 1.0]
+
+
 @pytest.mark.parametrize("workload", ["sft", "dpo"])
 def test_compare_torch_keeps_stdout_to_the_json_line(workload):
     """Baselines (and TRL's own printing, when installed) must not break the one-line contract."""
@@ -105,6 +151,8 @@ def test_flop_formulas():
     assert bench.forward_flops(config, 16, 128) == 2 * n * 16 * 128 + 4 * l_h_d * 16 * 128 * 128
     # a one-token prompt and one new token is a single forward over a 2-slot cache
     assert bench.generate_flops(config, 3, 1, 1) == 2 * n * 3 + 4 * l_h_d * 3 * 1 * 2
+    # G = 4 rows of one 3-token prompt: it is prefilled once, into a 3-slot cache
+    assert bench.generate_flops(config, 4, 3, 1, 4) == 2 * n * 3 + 4 * l_h_d * 1 * 3 * 3
 
 
 def test_workload_argument_and_table():

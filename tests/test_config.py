@@ -144,7 +144,15 @@ def _config(**changes) -> ml_collections.ConfigDict:
         (dict(train__max_consecutive_nonfinite=0), 8, r"train\.max_consecutive_nonfinite"),
         (dict(train__checkpoint_every=0), 8, r"train\.checkpoint_every"),
         (dict(data__train=""), 8, r"data\.train: is required"),
-        (dict(optimizer__warmup_steps=5, train__num_steps=4), 8, r"optimizer\.warmup_steps: 5"),
+        # Warmup longer than the run is clamped to it (a short run of a long recipe just works).
+        (dict(optimizer__warmup_steps=5, train__num_steps=4), 8, None),
+        (
+            dict(optimizer__warmup_steps=5, optimizer__warmup_ratio=0.1),
+            8,
+            r"optimizer\.warmup_ratio: set warmup_ratio or warmup_steps",
+        ),
+        (dict(data__on_long_row="cut"), 8, r"data\.on_long_row: 'cut' is not one of truncate"),
+        (dict(train__num_epochs=-1.0), 8, r"train\.num_epochs: must be >= 0"),
         # PPO warms up over optimizer updates: num_steps * num_epochs * num_minibatches.
         (dict(algorithm="ppo", optimizer__warmup_steps=10, train__num_steps=4), 8, None),
     ],

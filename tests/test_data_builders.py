@@ -67,6 +67,7 @@ def test_sft_skip_mode_counts_bad_rows_and_logs(tmp_path, tokenizer, caplog):
         },
         "dropped": {},
         "truncated": {},
+        "formats": {"conversational": 1, "prompt-completion": 4, "prompt-only": 1},
         "examples": 2,
     }
     assert "read 7 rows, kept 2" in caplog.text

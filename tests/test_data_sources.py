@@ -1,6 +1,7 @@
 """Reading rows with their locations from JSONL / JSON / parquet / directories / `datasets`."""
 
 import json
+import re
 
 import pytest
 
@@ -89,8 +90,13 @@ def test_datasets_objects_saved_directories_and_hub_names(tmp_path, monkeypatch)
     assert rows[0] == (ROWS[0], "HuggingFaceH4/ultrafeedback_binarized[train_prefs]:row 0")
 
 
-def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        list(load_rows(tmp_path / "nope.jsonl"))
-    with pytest.raises(FileNotFoundError):
-        list(load_rows("./data/train.jsonl"))
+@pytest.mark.parametrize("name", ["nope.jsonl", "./data/train.jsonl", "my_prefs", "prefs.csv"])
+def test_missing_local_path_says_it_does_not_exist(tmp_path, monkeypatch, name):
+    """A mistyped local path is reported as missing, never looked up on the hub."""
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("hub lookup"))
+    with pytest.raises(DataError, match=rf"^{re.escape(name)}: no such file or folder") as caught:
+        list(load_rows(name))
+    assert caught.value.reason == "not_found"

@@ -193,18 +193,45 @@ def test_reference_free_types_reward_is_beta_avg_logp(loss_type):
     )
 
 
-def test_orpo_is_finite_near_probability_one():
-    # avg logp of -1e-6: naive log(1 - exp(x)) loses all precision in float32.
-    losses, _, _ = dpo_loss(
-        jnp.array([-1e-6]),
-        jnp.array([-2.0]),
-        jnp.zeros(1),
-        jnp.zeros(1),
-        loss_type="orpo",
-        chosen_lengths=jnp.array([1]),
-        rejected_lengths=jnp.array([1]),
+def test_orpo_near_probability_one_matches_its_value():
+    """ORPO's log-odds log(p / (1 − p)) at p̄ = exp(avg logp) → 1, checked against float64.
+
+    Naive float32 `log(1 − exp(x))` is log(0) = −inf at x = −1e-8 and loses most digits at
+    x = −1e-6; the loss and its gradient must match float64 `x − log(−expm1(x))` there.
+    """
+    chosen_avg = np.array([-1e-8, -1e-6, -1e-4, -0.5], np.float32)
+    rejected_avg = np.array([-2.0, -1e-5, -3.0, -1e-7], np.float32)
+    lengths = np.array([1.0, 3.0, 2.0, 5.0], np.float32)
+    beta = 0.25
+
+    def loss_sum(chosen, rejected):
+        losses, _, _ = dpo_loss(
+            chosen,
+            rejected,
+            jnp.zeros(4),
+            jnp.zeros(4),
+            beta=beta,
+            loss_type="orpo",
+            chosen_lengths=lengths,
+            rejected_lengths=lengths,
+        )
+        return losses.sum(), losses
+
+    (_, losses), grads = jax.jit(jax.value_and_grad(loss_sum, argnums=(0, 1), has_aux=True))(
+        chosen_avg * lengths, rejected_avg * lengths
     )
-    assert np.isfinite(np.asarray(losses)).all()
+
+    c, r = chosen_avg.astype(np.float64), rejected_avg.astype(np.float64)
+    log_odds = lambda x: x - np.log(-np.expm1(x))  # noqa: E731
+    z = log_odds(c) - log_odds(r)
+    expected = -c + beta * np.logaddexp(0.0, -z)  # −logσ(z) = log(1 + e^−z)
+    np.testing.assert_allclose(np.asarray(losses), expected, rtol=1e-5)
+    # d/dπ_c (π_c = |c|·c̄): (−1 − β·σ(−z)·d log_odds/dc̄) / |c|, d log_odds/dx = 1 / (1 − e^x).
+    sig_neg = 1 / (1 + np.exp(z))
+    d_chosen = (-1 - beta * sig_neg / -np.expm1(c)) / lengths
+    d_rejected = beta * sig_neg / -np.expm1(r) / lengths
+    np.testing.assert_allclose(np.asarray(grads[0]), d_chosen, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads[1]), d_rejected, rtol=1e-4)
 
 
 def test_dpo_loss_jits():

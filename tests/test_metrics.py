@@ -13,19 +13,23 @@ from jaxalign import metrics
 def test_jsonl_and_tensorboard(tmp_path):
     with metrics.MetricWriter(tmp_path, total_steps=20, enabled=True) as writer:
         first = writer.write(
-            10, {"loss": jnp.float32(2.5), "total_tokens": jnp.int32(1000), "lr": 1e-3}
+            10, {"loss": jnp.float32(2.5), "num_tokens": jnp.int32(1000), "lr": 1e-3}
         )
         second = writer.write(
-            20, {"loss": jnp.float32(2.0), "total_tokens": np.int64(3000), "lr": 5e-4}
+            20, {"loss": jnp.float32(2.0), "num_tokens": np.int64(3000), "lr": 5e-4}
         )
     assert isinstance(first["loss"], float) and "tokens_per_sec" not in first
-    assert second["tokens_per_sec"] > 0 and second["steps_per_sec"] > 0
+    # One rate: tokens per second where tokens are counted, steps per second only where not.
+    assert second["tokens_per_sec"] > 0 and "steps_per_sec" not in second
+    with metrics.MetricWriter(tmp_path / "steps", total_steps=2, enabled=True) as writer:
+        writer.write(1, {"loss": 1.0})
+        assert writer.write(2, {"loss": 1.0})["steps_per_sec"] > 0
 
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [10, 20]
     assert records[0]["loss"] == pytest.approx(2.5)
-    assert records[1]["total_tokens"] == 3000
+    assert records[1]["num_tokens"] == 3000
     assert all(isinstance(r["time"], float) for r in records)
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0

@@ -11,10 +11,11 @@ import pytest
 import torch
 from tiny_hf import ARCHITECTURES, load_hf, make_tiny_hf_model
 
+from jaxalign import sharding as shd
 from jaxalign.models import (
     CheckpointError,
+    Transformer,
     UnsupportedConfigError,
-    default_positions,
     from_pretrained,
     gather_last_token,
     init_cache,
@@ -39,8 +40,14 @@ def _batch(padding: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def _positions(mask: np.ndarray) -> np.ndarray:
+    """Position of each real token among its row's real tokens (0 on left padding), computed here
+    and not by jaxalign's `default_positions`, so a positions bug cannot pass on both sides."""
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+
+
 def _hf_outputs(hf_model, ids, mask, head):
-    positions = np.asarray(default_positions(jnp.asarray(mask)))
+    positions = _positions(mask)
     kwargs = dict(
         input_ids=torch.tensor(ids),
         attention_mask=torch.tensor(mask),
@@ -127,7 +134,7 @@ def test_reward_model_initialised_from_causal_lm(checkpoints):
         from_pretrained(checkpoints[("llama", "scalar")], head="lm")
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_kv_cache_decode_equals_full_forward(checkpoints, arch):
     """Prefill left-padded prompts of different lengths, then decode token by token."""
     model, params = from_pretrained(checkpoints[(arch, "lm")])
@@ -193,15 +200,69 @@ def test_chunked_logprobs_match_full_log_softmax(checkpoints):
         assert np.all(np.asarray(entropy) >= -1e-5)
 
 
-def test_bf16_compute_close_to_fp32(checkpoints):
+def _dot_dtypes(jaxpr) -> list[tuple[str, ...]]:
+    """Operand dtypes of every `dot_general` in a jaxpr, sub-jaxprs (jit, remat, scan) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dot_dtypes(inner)
+    return found
+
+
+def test_bf16_compute_is_bf16_and_close_to_fp32(checkpoints):
+    """`dtype=bfloat16` (the `model.dtype` config key) computes every matmul in bf16 over fp32
+    master params: the outputs differ from fp32 by bf16 rounding, not by 0, and stay close."""
+    from jaxalign.config import base_config
+    from jaxalign.trainers import setup
+
     hf_dir = checkpoints[("llama", "lm")]
     model32, params32 = from_pretrained(hf_dir)
     model16, params16 = from_pretrained(hf_dir, dtype=jnp.bfloat16)
     assert params16["embed"]["embedding"].dtype == jnp.float32  # fp32 master params
     ids, mask = map(jnp.asarray, _batch("none"))
-    ref = model32.apply({"params": params32}, ids, mask)
-    out = model16.apply({"params": params16}, ids, mask)
-    assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.1
+
+    def matmul_dtypes(model, params):
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, mask))(params)
+        return set(_dot_dtypes(jaxpr.jaxpr))
+
+    assert matmul_dtypes(model32, params32) == {("float32", "float32")}
+    assert matmul_dtypes(model16, params16) == {("bfloat16", "bfloat16")}
+    # A random-init model built from the training config's `model` section.
+    model_config = base_config().model
+    model_config.dtype = "bfloat16"
+    model = Transformer(setup.model_config_for(model_config))
+    abstract = shd.unbox(setup.abstract_params(model))  # shapes only, nothing allocated
+    assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {jnp.dtype("float32")}
+    assert matmul_dtypes(model, abstract) == {("bfloat16", "bfloat16")}
+
+    ref = np.asarray(model32.apply({"params": params32}, ids, mask))
+    out = np.asarray(model16.apply({"params": params16}, ids, mask), np.float32)
+    difference = np.abs(out - ref).max()
+    assert 1e-3 < difference < 0.1, difference  # bf16 keeps 8 bits of mantissa: ~4e-3 relative
+
+
+def test_llama3_rope_config_reaches_every_band():
+    """The tiny Llama-3 checkpoint's RoPE frequencies fall in all three bands of Llama-3 scaling:
+    wavelengths below original_length/high_freq_factor (left unchanged), between the two
+    (interpolated) and above original_length/low_freq_factor (divided by `factor`)."""
+    from tiny_hf import tiny_hf_config
+
+    config = tiny_hf_config("llama3_rope")
+    rope = config.rope_parameters
+    head_dim = config.hidden_size // config.num_attention_heads
+    wavelengths = 2 * np.pi * rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    original = rope["original_max_position_embeddings"]
+    high, low = original / rope["high_freq_factor"], original / rope["low_freq_factor"]
+    assert (wavelengths < high).any(), wavelengths
+    assert ((wavelengths >= high) & (wavelengths <= low)).any(), wavelengths
+    assert (wavelengths > low).any(), wavelengths
+    # The test batch is long enough for the unchanged band to turn by more than a radian.
+    assert _batch("none")[0].shape[1] > wavelengths.min() / (2 * np.pi)
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -233,7 +294,7 @@ def test_unsupported_config_option_named(tmp_path, checkpoints):
     src = checkpoints[("qwen2", "lm")]
     for option, value, pattern in [
         ("use_sliding_window", True, "use_sliding_window"),
-        ("rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}, "yarn"),
+        ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, "dynamic"),
         ("model_type", "mamba", "mamba"),
     ]:
         out = tmp_path / option

@@ -1,9 +1,14 @@
 """Two CPU processes under `jax.distributed` train exactly like one process with all the devices.
 
-Each process gets 4 fake CPU devices; together they form the 8-device `(-1, 1, 1)` mesh that the
+Each process gets 4 fake CPU devices; together they form the 8-device mesh that the
 single-process reference gets from conftest's 8 devices. Cross-process collectives on CPU go
 through gloo over TCP (`jax_cpu_collectives_implementation`, the default in jax 0.10), with
 `127.0.0.1:<free port>` as the coordinator.
+
+Two jobs: DPO with `dpo.precompute_reference=True` on `(2, 2, 2)` (every process must get every
+example's reference log-probs), and, with `-m slow`, SFT on the `(-1, 1, 1)` mesh. Each single-process
+reference uses the settings of a run in test_train_sft.py / test_train_preference.py, so the
+session's compilation cache compiles its programs once for both files.
 """
 
 from __future__ import annotations
@@ -31,23 +36,37 @@ from jaxalign.train import run
 REPO = Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 4  # per process: 2 x 4 = conftest's 8 single-process devices
-NUM_STEPS = 4
-TIMEOUT_S = 480.0  # both processes, start to exit; a run takes ~100 s on 2 busy cores
+TIMEOUT_S = 480.0  # both processes, start to exit; a job takes ~30 s on 2 busy cores
 
-# No eval (its batch split is another story); export on, so the gathered HF export is checked too.
-RUN_SETTINGS = {
-    "train.num_steps": NUM_STEPS,
-    "optimizer.warmup_steps": 2,  # sft_tiny's 5 exceeds num_steps
+# The straight run of test_train_sft.py (conftest's TINY_SFT_SETTINGS, no eval), exported, so the
+# gathered HF export is checked too.
+SFT_SETTINGS = {
     "train.log_every": 1,
-    "train.checkpoint_every": 1000,  # only the final, forced save
     "data.eval": "",
     "train.export_hf": True,
+    "train.checkpoint_every": 1000,  # only the final, forced save
+}
+# test_train_preference.py's DPO runs (one padded length, constant schedule: the compiled step
+# does not depend on num_steps), with the reference's log-probs precomputed.
+DPO_SETTINGS = {
+    "data.buckets": (96,),
+    "optimizer.schedule": "constant",
+    "optimizer.warmup_steps": 0,
+    "optimizer.learning_rate": 3e-3,
+    "train.log_every": 1,
+    "train.checkpoint_every": 1000,
+    "train.async_checkpoint": False,
+    "train.export_hf": True,
+    "mesh.shape": (2, 2, 2),
+    "train.num_steps": 4,
+    "data.eval": "",
+    "dpo.precompute_reference": True,
 }
 
 
-def sft_tiny_config(data_dir: Path, settings: dict) -> ml_collections.ConfigDict:
-    """configs/sft_tiny.py with `settings` ({"train.num_steps": 4, ...}) applied."""
-    spec = importlib.util.spec_from_file_location("sft_tiny", REPO / "configs" / "sft_tiny.py")
+def tiny_config(config_file: str, data_dir: Path, settings: dict) -> ml_collections.ConfigDict:
+    """configs/<config_file> with `settings` ({"train.num_steps": 4, ...}) applied."""
+    spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / config_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(str(data_dir))
@@ -55,6 +74,11 @@ def sft_tiny_config(data_dir: Path, settings: dict) -> ml_collections.ConfigDict
         section, name = key.rsplit(".", 1)
         config[section][name] = value
     return config
+
+
+def flag_value(value) -> str:
+    """`--config.<key>=` text that ml_collections parses back to `value`."""
+    return f"({','.join(map(str, value))},)" if isinstance(value, tuple) else str(value)
 
 
 def free_port() -> int:
@@ -88,7 +112,7 @@ def training_processes(config_arg: str, workdir: Path, settings: dict, logs: Pat
     Output goes to files, not pipes: orbax logs a lot, and a full pipe would stall a process
     while its peer waits for it in a collective.
     """
-    flags = [f"--config.{key}={value}" for key, value in settings.items()]
+    flags = [f"--config.{key}={flag_value(value)}" for key, value in settings.items()]
     command = [
         sys.executable,
         "-m",
@@ -149,19 +173,39 @@ def host_tree(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(tiny_data_dir, tiny_sft_settings, tmp_path):
-    settings = {**tiny_sft_settings, **RUN_SETTINGS}
+def restore(workdir: Path, step: int, abstract_state):
+    """The run's only checkpoint, `step`, restored onto `abstract_state`'s shardings."""
+    with ckpt.Checkpointer(workdir / "checkpoints", save_every=1, keep=None) as checkpointer:
+        assert checkpointer.all_steps() == [step]
+        return checkpointer.restore(step, abstract_state=abstract_state)
+
+
+# The DPO job runs by default: it covers what the SFT job does (the loop, the cooperative
+# checkpoint, the gathered export) plus a mesh whose FSDP and tensor axes cross the process
+# boundary and the precomputed reference; SFT's pure data parallel adds ~35 s for less.
+@pytest.mark.parametrize(
+    "job", [pytest.param("sft", marks=pytest.mark.slow), "dpo_precomputed_reference"]
+)
+def test_two_processes_train_like_one(job, tiny_data_dir, tiny_sft_settings, tmp_path):
+    if job == "sft":
+        config_file, settings = "sft_tiny.py", {**tiny_sft_settings, **SFT_SETTINGS}
+    else:
+        config_file, settings = "dpo_tiny.py", DPO_SETTINGS
+    num_steps = settings["train.num_steps"]
+    # Per-step losses agree to 1e-5 in both jobs. DPO's Adam at lr 3e-3 turns the all-reduce's
+    # other summation order into parameter differences of a few 1e-6 (up to ~lr where a gradient
+    # is ~0 and its sign flips), as in test_train_preference.py's `assert_runs_match`.
+    state_tolerance = dict(rtol=1e-5, atol=1e-6) if job == "sft" else dict(atol=5e-4)
     multi_dir, single_dir = tmp_path / "two_processes", tmp_path / "one_process"
 
     # The reference trains in this process meanwhile: the two processes often wait on each other.
     with training_processes(
-        f"configs/sft_tiny.py:{tiny_data_dir}",
+        f"configs/{config_file}:{tiny_data_dir}",
         multi_dir,
         {**settings, "mesh.distributed": True},
         logs=tmp_path / "logs",
     ) as wait:
-        reference = run(sft_tiny_config(tiny_data_dir, settings), single_dir)
+        reference = run(tiny_config(config_file, tiny_data_dir, settings), single_dir)
         stdouts = wait()
     assert jax.process_count() == 1 and jax.device_count() == 2 * LOCAL_DEVICES
 
@@ -173,31 +217,35 @@ def test_two_processes_train_like_one(tiny_data_dir, tiny_sft_settings, tmp_path
     # Only process 0 writes: one record per step (a second writer would duplicate them), one
     # TensorBoard file, and only process 0 reports.
     multi_records, single_records = read_metrics(multi_dir), read_metrics(single_dir)
-    assert [r["step"] for r in multi_records] == list(range(1, NUM_STEPS + 1))
+    assert [r["step"] for r in multi_records] == list(range(1, num_steps + 1))
     assert len(list((multi_dir / "tensorboard").iterdir())) == 1
     assert stdouts[0].strip().splitlines()[-1].startswith("done.")
     assert "done." not in stdouts[1]
 
-    # The same global batches (token counts) and the same losses and gradients, step by step.
-    assert [r["tokens"] for r in multi_records] == [r["tokens"] for r in single_records]
-    for name in ("loss", "grad_norm"):
+    # The same global batches and the same losses, gradients (and DPO rewards), step by step.
+    names = ["loss", "grad_norm"] + (["rewards/chosen", "rewards/margins"] if job != "sft" else [])
+    tokens = "num_tokens"  # cumulative tokens trained on, over all processes
+    assert [r[tokens] for r in multi_records] == [r[tokens] for r in single_records]
+    for name in names:
         np.testing.assert_allclose(
             [r[name] for r in multi_records],
             [r[name] for r in single_records],
             rtol=1e-5,
+            atol=1e-7,
             err_msg=name,
         )
 
     # The cooperative checkpoint (each process wrote its shards) restores onto one process and
-    # holds the reference's state: params, Adam moments, step, rng.
+    # holds the reference's state: params, Adam moments, step, rng; and its data position.
     state_shardings = jax.tree.map(lambda x: x.sharding, reference.state)
     abstract = ckpt.abstract_with_shardings(reference.state, state_shardings)
-    with ckpt.Checkpointer(multi_dir / "checkpoints", save_every=1, keep=None) as checkpointer:
-        assert checkpointer.all_steps() == [NUM_STEPS]
-        restored = checkpointer.restore(NUM_STEPS, abstract_state=abstract)
-    assert restored.data_state == {"iterator": {"epoch": 0, "position": NUM_STEPS, "seed": 0}}
+    restored = restore(multi_dir, num_steps, abstract)
+    assert restored.data_state == restore(single_dir, num_steps, abstract).data_state
+    assert restored.data_state["iterator"]["position"] == num_steps
+    assert int(restored.state.step) == num_steps
+    np.testing.assert_array_equal(host_tree(restored.state.rng), host_tree(reference.state.rng))
     jax.tree.map(
-        lambda actual, expected: np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6),
+        lambda actual, expected: np.testing.assert_allclose(actual, expected, **state_tolerance),
         host_tree(restored.state),
         host_tree(reference.state),
     )
@@ -207,7 +255,7 @@ def test_two_processes_train_like_one(tiny_data_dir, tiny_sft_settings, tmp_path
     single_weights = load_file(single_dir / "hf" / "model.safetensors")
     assert multi_weights.keys() == single_weights.keys()
     for name, weight in single_weights.items():
-        np.testing.assert_allclose(multi_weights[name], weight, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(multi_weights[name], weight, err_msg=name, **state_tolerance)
     assert (multi_dir / "hf" / "config.json").read_text() == (
         single_dir / "hf" / "config.json"
     ).read_text()

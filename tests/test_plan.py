@@ -112,7 +112,8 @@ def test_recipe_validates_and_fits_its_documented_hardware(filename, arg, memory
     assert plan["num_devices"] == recipe.NUM_DEVICES
     assert plan["fits"], planner.format_plan(plan, config)
     assert plan["total_bytes"] == sum(plan["bytes"].values())
-    assert all(value > 0 for key, value in plan["bytes"].items() if key != "frozen_models")
+    assert all(value > 0 for key, value in plan["bytes"].items() if not key.startswith("frozen"))
+    assert plan["bytes"]["frozen_base"] == 0  # full fine-tuning: nothing frozen under adapters
     trained_bytes = sum(m["params"] for m in plan["models"] if m["trained"]) * 4  # float32
     # fsdp shards every weight matrix; only small biases stay replicated.
     assert trained_bytes / 8 <= plan["bytes"]["params"] <= trained_bytes / 8 * 1.01
@@ -229,3 +230,178 @@ def test_cli_prints_the_plan_and_verdict():
     assert re.fullmatch(r"FITS: \d+\.\d GiB of 16\.0 GiB per device \(\d+%\)", lines[-1])
     assert any("gpt2-large" in line and "774,030,080 params" in line for line in lines)
     assert any("8 rows x 512 tokens" in line for line in lines)  # 64 pairs / 2 / 8 * 2 rows
+
+
+# ----------------------------------------------------------------------------- errors, KV cache
+
+
+def ppo_recipe():
+    return load_recipe("qwen25_05b_ppo.py").get_config(
+        "Qwen/Qwen2.5-0.5B-Instruct,Qwen/Qwen2.5-0.5B"
+    )  # batch 64 in 4 minibatches of 16 rows
+
+
+def test_unknown_mesh_axis_is_named():
+    with pytest.raises(planner.PlanError, match=r"mesh axes \['fdsp'\] are not in"):
+        planner.plan_memory(ppo_recipe(), mesh_shape={"fdsp": 8}, device_memory_bytes=16 * GIB)
+
+
+def test_ppo_minibatch_rows_that_do_not_split_over_data_parallel_raise():
+    config = ppo_recipe()
+    # 64 rows split over 32 devices, but each 16-row minibatch does not.
+    with pytest.raises(planner.PlanError, match=r"ppo\.num_minibatches: 16 rows .* data\*fsdp=32"):
+        planner.plan_memory(config, mesh_shape={"fsdp": 32}, device_memory_bytes=16 * GIB)
+    plan = planner.plan_memory(config, mesh_shape={"fsdp": 16}, device_memory_bytes=16 * GIB)
+    assert plan["rows_per_device"] == 1
+
+
+def test_ppo_accumulation_must_divide_the_minibatch():
+    config = ppo_recipe()
+    config.optimizer.grad_accum_steps = 32  # divides the batch of 64, not a minibatch of 16
+    with pytest.raises(planner.PlanError, match="does not divide the PPO minibatch of 16 rows"):
+        planner.plan_memory(config, mesh_shape={"fsdp": 2}, device_memory_bytes=16 * GIB)
+    config.optimizer.grad_accum_steps = 4  # 16 rows in 4 microbatches of 4, over 2 devices
+    plan = planner.plan_memory(config, mesh_shape={"fsdp": 2}, device_memory_bytes=16 * GIB)
+    assert plan["rows_per_device"] == 2
+
+
+def test_kv_cache_bytes_of_llama3_8b_is_128_kib_per_token_in_bf16():
+    """32 layers x 8 KV heads x 128 dims x (K and V) x 2 bytes = 131,072 bytes per token."""
+    model_cfg = base_config().model
+    model_cfg.dtype = "bfloat16"
+    config, _ = planner.resolve_model_config(model_cfg, "meta-llama/Meta-Llama-3-8B")
+    assert planner.kv_cache_bytes(config, rows=1, seq_len=1) == 131_072
+    assert planner.kv_cache_bytes(config, rows=4, seq_len=1024) == 4 * 1024 * 131_072
+    fp32 = config.replace(dtype="float32")
+    assert planner.kv_cache_bytes(fp32, rows=4, seq_len=1024) == 2 * 4 * 1024 * 131_072
+
+
+def test_ppo_plan_counts_the_rollout_kv_cache():
+    config = ppo_recipe()
+    plan = planner.plan_memory(config, mesh_shape={"fsdp": 8}, device_memory_bytes=16 * GIB)
+    policy = next(m for m in plan["models"] if m["role"] == "policy")["config"]
+    seq_len = config.data.max_prompt_length + config.ppo.max_new_tokens
+    expected = planner.kv_cache_bytes(policy, rows=64 // 8, seq_len=seq_len)
+    assert plan["activations"]["rollout: KV cache"] == expected
+    # Qwen2.5-0.5B: 24 layers x 2 KV heads x 64 dims x 2 x 2 bytes = 12 KiB per token.
+    assert expected == 24 * 2 * 64 * 2 * 2 * 8 * seq_len
+    assert plan["bytes"]["activations"] >= expected
+
+
+# ----------------------------------------------------------------------------- LoRA and QLoRA
+
+
+def tiny_dpo_config(rank: int = 0, quantization: str = "none", targets: str = "all-linear"):
+    """DPO of `base_config().model.init` (E 64, F 128, 2 layers, 4 heads and 2 KV heads of 16)."""
+    config = base_config()
+    config.algorithm = "dpo"
+    config.data.train = "unused.jsonl"
+    config.data.max_length, config.data.max_prompt_length = 64, 32
+    config.train.batch_size = 8
+    config.model.scan_layers = True
+    config.model.lora.rank = rank
+    config.model.lora.quantization = quantization
+    config.model.lora.target_modules = targets
+    return config
+
+
+def test_lora_adapter_params_counted_by_hand():
+    """r·(in + out) per targeted projection and layer, E = 64, F = 128, H·D = 64, K·D = 32."""
+    r, e, f, q, kv, layers = 4, 64, 128, 4 * 16, 2 * 16, 2
+    per_layer = {
+        "q_proj": r * (e + q),
+        "k_proj": r * (e + kv),
+        "v_proj": r * (e + kv),
+        "o_proj": r * (q + e),
+        "gate_proj": r * (e + f),
+        "up_proj": r * (e + f),
+        "down_proj": r * (f + e),
+    }
+    assert sum(per_layer.values()) == 4096
+    mesh = {"fsdp": 1}
+    for targets, expected in (("all-linear", 4096), ("q_proj,v_proj", 512 + 384)):
+        plan = planner.plan_memory(
+            tiny_dpo_config(rank=r, targets=targets), mesh_shape=mesh, device_memory_bytes=GIB
+        )
+        (policy,) = plan["models"]
+        assert policy["adapter_params"] == plan["param_count"] == expected * layers
+        assert plan["bytes"]["params"] == expected * layers * 4  # float32, one device
+        assert plan["bytes"]["frozen_base"] == policy["params"] * 4
+    # GPT-2's fused c_attn covers q, k and v (our separate modules), c_proj both o and mlp.proj.
+    lora = planner.LoraConfig(rank=r, target_modules="c_attn,c_proj")
+    assert lora.flax_targets("gpt2") == ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/proj")
+
+
+def test_qlora_plan_smaller_than_lora_smaller_than_full_and_no_reference():
+    mesh = {"fsdp": 2}
+    plans = {
+        name: planner.plan_memory(
+            tiny_dpo_config(rank=rank, quantization=q), mesh_shape=mesh, device_memory_bytes=GIB
+        )
+        for name, rank, q in (
+            ("full", 0, "none"),
+            ("lora", 4, "none"),
+            ("int8", 4, "int8"),
+            ("nf4", 4, "nf4"),
+        )
+    }
+    full, lora = plans["full"], plans["lora"]
+    assert full["bytes"]["frozen_models"] == full["bytes"]["params"] > 0  # the reference copy
+    for name in ("lora", "int8", "nf4"):
+        plan = plans[name]
+        assert plan["bytes"]["frozen_models"] == 0  # the reference is the base, adapters off
+        assert [m["role"] for m in plan["models"]] == ["policy"]
+        assert plan["full_finetune"]["total_bytes"] == full["total_bytes"]
+        # gradients and optimizer state for the adapters alone
+        assert plan["bytes"]["gradients"] == plan["bytes"]["params"]
+        assert plan["bytes"]["optimizer_state"] < full["bytes"]["optimizer_state"] / 4
+        assert plan["bytes"]["activations"] == full["bytes"]["activations"]
+    assert plans["nf4"]["total_bytes"] < plans["int8"]["total_bytes"] < lora["total_bytes"]
+    assert lora["total_bytes"] < full["total_bytes"]
+    assert lora["bytes"]["frozen_base"] == full["bytes"]["params"]
+
+    # QLoRA bytes of the 2 layers' 7 kernels (14 E·F-sized and attention matrices) by hand:
+    # float32 embeddings, norms and LM head stay; int8 codes 1 byte + a float32 scale per output
+    # channel; nf4 codes 4 bits + a float32 scale per 64 inputs (o: per head_dim = 16 inputs).
+    e, f, q, kv, v, layers = 64, 128, 64, 32, 512, 2
+    kernels = (e * q + 2 * e * kv + q * e + 3 * e * f) * layers
+    untargeted = (2 * v * e + (2 * layers + 1) * e) * 4
+    out_channels = (q + 2 * kv + e + 2 * f + e) * layers
+    int8 = kernels + 4 * out_channels
+    nf4_blocks = (e * q + 2 * e * kv + 2 * e * f) // 64 + q * e // 16 + f * e // 64
+    nf4 = kernels // 2 + 4 * nf4_blocks * layers
+    device_bytes = {name: plans[name]["bytes"]["frozen_base"] for name in ("int8", "nf4")}
+    # fsdp=2 halves every leaf but the layer-stacked [2, 1, ...] scales of q, k, v, gate, up
+    assert device_bytes["int8"] == pytest.approx((untargeted + int8) / 2, rel=0.02)
+    assert device_bytes["nf4"] == pytest.approx((untargeted + nf4) / 2, rel=0.02)
+
+
+def test_lora_ppo_and_grpo_plans_keep_no_reference():
+    ppo = ppo_recipe()
+    ppo.model.lora.rank = 8
+    plan = planner.plan_memory(ppo, mesh_shape={"fsdp": 8}, device_memory_bytes=16 * GIB)
+    roles = {m["role"]: m for m in plan["models"]}
+    assert set(roles) == {"policy", "reward model", "critic"}  # no reference
+    assert roles["policy"]["adapter_params"] > 0 and roles["critic"]["adapter_params"] == 0
+    assert plan["total_bytes"] < plan["full_finetune"]["total_bytes"]
+
+    grpo = tiny_dpo_config(rank=4)
+    grpo.algorithm, grpo.grpo.reward_funcs, grpo.grpo.beta = "grpo", "length", 0.04
+    grpo.data.max_length, grpo.grpo.max_new_tokens = 64, 32
+    plan = planner.plan_memory(grpo, mesh_shape={"fsdp": 2}, device_memory_bytes=GIB)
+    assert plan["bytes"]["frozen_models"] == 0
+    assert plan["full_finetune"]["bytes"]["frozen_models"] > 0  # β > 0: full FT keeps a reference
+    assert plan["seq_len"] == 32 + 32 and plan["rows_per_device"] == 8 * 8 // 2
+
+
+def test_printed_plan_shows_the_lora_saving():
+    config = load_recipe("llama3_8b_dpo.py").get_config()
+    config.model.lora.rank, config.model.lora.quantization = 16, "nf4"
+    plan = planner.plan_memory(config, mesh_shape=mesh_of(config), device_memory_bytes=80 * GIB)
+    out = planner.format_plan(plan, config)
+    # Llama-3-8B, r = 16 on all 7 projections: 32·16·(2·(4096+4096) + 2·(4096+1024) + 3·(4096+14336))
+    assert plan["param_count"] == 41_943_040
+    assert "41,943,040 adapter params (0.52%)" in out
+    assert "frozen models (no reference)" in out and "frozen base (nf4 kernels)" in out
+    assert re.search(r"LoRA saves \d+\.\d\d GiB per device vs full fine-tuning", out)
+    assert out.splitlines()[-1] == planner.verdict_line(plan)

@@ -21,6 +21,7 @@ from jaxalign.sampling import (
     generate_text,
     response_logprobs,
     row_keys_from_rng,
+    sample_tokens,
 )
 
 PROMPT_LEN, NEW_TOKENS = 8, 5
@@ -231,3 +232,118 @@ def test_scanned_layers_decode_like_unrolled(llama):
     out_scanned = generate(scanned, scanned_params, ids, mask, rng=jax.random.key(3), config=SAMPLE)
     np.testing.assert_array_equal(out.tokens, out_scanned.tokens)
     np.testing.assert_allclose(out.logprobs, out_scanned.logprobs, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- distributions
+
+# Tests of a sampler's distribution fail by chance with probability ALPHA (fixed keys make each
+# run deterministic; the threshold says how unlikely the checked keys were to be unlucky).
+ALPHA_Z = 3.719  # one-sided standard normal quantile of 1 - 1e-4
+
+
+def chi_square_threshold(df: int) -> float:
+    """The 1 − 1e-4 quantile of χ²(df), Wilson–Hilferty approximation (within 1 % for df ≥ 3)."""
+    a = 2 / (9 * df)
+    return df * (1 - a + ALPHA_Z * np.sqrt(a)) ** 3
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic of `counts` against `probs` over the support (probs > 0), and its df."""
+    support = probs > 0
+    expected = counts.sum() * probs[support]
+    return float(((counts[support] - expected) ** 2 / expected).sum()), int(support.sum()) - 1
+
+
+@pytest.fixture(scope="module")
+def draw():
+    """`draw(logits [V], n, **knobs)`: n tokens from `sample_tokens` with n independent row keys,
+    and their reported log-probs. Knobs are traced: one compile per n."""
+    sample = jax.jit(
+        lambda logits, keys, t, k, p: sample_tokens(logits, keys, temperature=t, top_k=k, top_p=p)
+    )
+
+    def run(logits, n, *, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+        keys = row_keys_from_rng(jax.random.key(seed), n)
+        batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
+        tokens, logprobs = sample(
+            batch, keys, np.float32(temperature), np.int32(top_k), np.float32(top_p)
+        )
+        return np.asarray(tokens), np.asarray(logprobs)
+
+    return run
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+LOGITS = np.array([2.0, 1.2, 0.5, 0.0, -0.7, -1.5])  # probabilities 0.47 ... 0.02
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+def test_samples_follow_softmax_of_logits_over_temperature(draw, temperature):
+    n = 20_000
+    tokens, logprobs = draw(LOGITS, n, temperature=temperature)
+    probs = softmax(LOGITS / temperature)
+    counts = np.bincount(tokens, minlength=len(LOGITS))
+    statistic, df = chi_square(counts, probs)
+    assert statistic < chi_square_threshold(df), (statistic, counts, n * probs)
+    # The test has the power to see a wrong temperature: the counts reject T ± 20 %.
+    for wrong in (temperature * 0.8, temperature * 1.2):
+        assert chi_square(counts, softmax(LOGITS / wrong))[0] > chi_square_threshold(df)
+    np.testing.assert_allclose(logprobs, np.log(probs)[tokens], rtol=1e-5)
+
+
+def test_top_k_and_top_p_samples_follow_the_renormalised_kept_set(draw):
+    n = 20_000
+    temperature = 1.3
+    probs = softmax(LOGITS / temperature)  # cumulative 0.44, 0.68, 0.82, 0.91, 0.97, 1
+    for knobs, kept in (
+        (dict(top_p=0.7), 3),
+        (dict(top_p=0.56), 2),
+        (dict(top_k=3), 3),
+        # Over the top 5 the cumulative mass is 0.46, 0.70, 0.85, 0.94: top-p renormalises over
+        # the top-k first, so 4 are kept (over all 6 tokens it would be 5).
+        (dict(top_k=5, top_p=0.93), 4),
+    ):
+        tokens, logprobs = draw(LOGITS, n, temperature=temperature, **knobs)
+        target = np.where(np.arange(len(LOGITS)) < kept, probs, 0.0)
+        target /= target.sum()
+        counts = np.bincount(tokens, minlength=len(LOGITS))
+        assert counts[kept:].sum() == 0, (knobs, counts)
+        statistic, df = chi_square(counts, target)
+        assert statistic < chi_square_threshold(df), (knobs, statistic, counts, n * target)
+        np.testing.assert_allclose(logprobs, np.log(target[tokens]), rtol=1e-5, err_msg=knobs)
+
+
+def nucleus_reference(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Kept tokens [V] bool: the top k (all if 0), then the smallest prefix of them, most probable
+    first, whose renormalised mass reaches top_p (Holtzman et al. 2019), with ties at the
+    cut-off kept."""
+    order = np.argsort(-logits, kind="stable")
+    k = top_k or len(logits)
+    probs = softmax(logits[order[:k]].astype(np.float64))
+    size = int(np.searchsorted(np.cumsum(probs), top_p - 1e-9)) + 1 if top_p < 1 else k
+    cutoff = logits[order[min(size, k) - 1]]
+    return logits >= cutoff
+
+
+def test_filter_logits_keeps_exactly_the_nucleus():
+    """Random logits with repeated values (ties), random top-k and top-p: the kept set is the
+    reference's, and what is kept keeps its logit."""
+    rng = np.random.default_rng(0)
+    rows, vocab = 400, 12
+    logits = np.round(rng.normal(0, 1.5, (rows, vocab)), 1).astype(np.float32)  # some ties
+    top_k = rng.integers(0, vocab + 1, rows).astype(np.int32)
+    top_p = rng.uniform(0.05, 1.0, rows).astype(np.float32)
+    top_p[:20] = 1.0
+    filtered = jax.jit(jax.vmap(lambda row, k, p: filter_logits(row[None], top_k=k, top_p=p)[0]))(
+        logits, top_k, top_p
+    )
+    filtered = np.asarray(filtered)
+    for row in range(rows):
+        expected = nucleus_reference(logits[row], int(top_k[row]), float(top_p[row]))
+        kept = np.isfinite(filtered[row])
+        np.testing.assert_array_equal(kept, expected, err_msg=f"row {row}")
+        np.testing.assert_array_equal(filtered[row][kept], logits[row][kept])

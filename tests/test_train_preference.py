@@ -28,7 +28,12 @@ from jax.sharding import PartitionSpec
 from jaxalign.data import DataError, build_preference_dataset
 from jaxalign.data.batching import Buckets, collate_preference
 from jaxalign.demo.data import write_tiny_data
-from jaxalign.models import Transformer, default_positions, from_pretrained, load_tokenizer
+from jaxalign.models import (
+    Transformer,
+    from_pretrained,
+    load_tokenizer,
+    save_pretrained,
+)
 from jaxalign.train import run
 from jaxalign.trainers import dpo, engine, setup
 from jaxalign.trainers.dpo import precompute_reference_logps
@@ -244,8 +249,9 @@ def _left_padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out[f"{side}_{name}"] = np.stack(
                 [np.roll(r, s) for r, s in zip(rows, shifts, strict=True)]
             )
-        positions = default_positions(jnp.asarray(out[f"{side}_attention_mask"]))
-        out[f"{side}_positions"] = np.asarray(positions)
+        # Counted here, not by jaxalign's `default_positions`: transformers gets them as is.
+        mask = out[f"{side}_attention_mask"] != 0
+        out[f"{side}_positions"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     return out
 
 
@@ -386,6 +392,63 @@ def test_dpo_sharded_matches_one_device(dpo_run, one_device):
     assert_runs_match(sharded, one_device("dpo"))
 
 
+def test_dpo_two_row_layout_trains_like_the_shared_prompt_rows(dpo_run, data_dir, tmp_path):
+    """`dpo.share_prompt=False` (chosen and rejected as two rows) gives the shared-prompt run's
+    losses step by step: same log-probs, same gradients (steps 2-3 start from the updates)."""
+    _, shared = dpo_run
+    overrides = {**DPO_RUN, "dpo.share_prompt": False, "train.num_steps": 3, "data.eval": ""}
+    _, two_rows = run_summary(tiny_config("dpo", data_dir, overrides), tmp_path)
+    assert len(two_rows["losses"]) == 3
+    np.testing.assert_allclose(two_rows["losses"], shared["losses"][:3], rtol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def policy_dirs(data_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Two random-init tiny policies (seeds 1 and 2) saved as Hugging Face checkpoints."""
+    config = tiny_config("dpo", data_dir)
+    model = Transformer(setup.model_config_for(config.model))
+    init = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+    root = tmp_path_factory.mktemp("policies")
+    dirs = []
+    for seed in (1, 2):
+        params = jax.tree.map(
+            lambda x: x.value if hasattr(x, "value") else x,
+            init(jax.random.PRNGKey(seed)),
+            is_leaf=lambda x: hasattr(x, "value"),
+        )
+        dirs.append(save_pretrained(model, params, root / f"seed{seed}"))
+    return dirs[0], dirs[1]
+
+
+def test_dpo_reference_loaded_from_its_own_checkpoint(data_dir, policy_dirs, tmp_path):
+    """`dpo.reference_name_or_path`: the reference is that checkpoint, not the policy's initial
+    weights. At step 1, policy A against reference B has rewards β·(log π_A − log π_B) (not 0);
+    swapping A and B flips their sign, and loss(m) − loss(−m) = −m for the sigmoid loss. The
+    precomputed-reference path reads the same checkpoint."""
+    a, b = policy_dirs
+    one_step = {**DPO_RUN, "train.num_steps": 1, "data.eval": ""}
+
+    def first_step(name, policy, reference, **extra):
+        overrides = {
+            **one_step,
+            "model.name_or_path": str(policy),
+            "dpo.reference_name_or_path": str(reference),
+            **extra,
+        }
+        run(tiny_config("dpo", data_dir, overrides), tmp_path / name)
+        (record,) = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        return record
+
+    a_vs_b, b_vs_a = first_step("a_vs_b", a, b), first_step("b_vs_a", b, a)
+    precomputed = first_step("a_vs_b_precomputed", a, b, **{"dpo.precompute_reference": True})
+    assert abs(a_vs_b["rewards/margins"]) > 1e-3 and abs(a_vs_b["rewards/chosen"]) > 1e-2
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert b_vs_a[name] == pytest.approx(-a_vs_b[name], rel=1e-4, abs=1e-6), name
+        assert precomputed[name] == pytest.approx(a_vs_b[name], rel=1e-4, abs=1e-6), name
+    assert a_vs_b["loss"] - b_vs_a["loss"] == pytest.approx(-a_vs_b["rewards/margins"], abs=1e-5)
+    assert precomputed["loss"] == pytest.approx(a_vs_b["loss"], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_dpo_data_parallel_matches_one_device(data_dir, tmp_path, one_device):
     config = tiny_config("dpo", data_dir, {**DPO_RUN, "mesh.shape": (8, 1, 1)})
@@ -466,8 +529,9 @@ def test_reward_export_loads_in_transformers_and_scores_alike(reward_run, data_d
         np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4, err_msg=side)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+# (8, 1, 1) reuses the module's reward run (the 1-device run in a subprocess costs ~11 s); (2, 2, 2)
+# trains once more and runs with `-m slow` (DPO covers FSDP x tensor parallel by default).
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), pytest.param((2, 2, 2), marks=pytest.mark.slow)])
 def test_reward_sharded_matches_one_device(reward_run, data_dir, tmp_path, one_device, mesh_shape):
     if mesh_shape == (8, 1, 1):  # the module's reward run
         sharded = reward_run[2]
@@ -509,7 +573,7 @@ def test_bad_preference_rows_are_counted_when_skipped(data_dir, tmp_path, caplog
         "train.num_steps": 1,
         "train.export_hf": False,
     }
-    caplog.set_level(logging.INFO, logger="jaxalign")
+    caplog.set_level(logging.DEBUG, logger="jaxalign")  # the stats dict is a debug line
     result = run(tiny_config("reward", data_dir, overrides), tmp_path / "run")
     assert int(result.state.step) == 1
     (stats,) = [r.args for r in caplog.records if r.msg == "preference data: %s"]

@@ -31,7 +31,9 @@ def tiny_hf_config(arch: str) -> transformers.PretrainedConfig:
             factor=8.0,
             low_freq_factor=1.0,
             high_freq_factor=4.0,
-            original_max_position_embeddings=16,
+            # head_dim 8 at θ = 1e4: wavelengths 6.3, 63, 628, 6283 against the bands' edges
+            # 64/4 = 16 and 64/1 = 64: one unchanged, one interpolated, two divided by 8.
+            original_max_position_embeddings=64,
         )
         return transformers.LlamaConfig(**_COMMON, **_LLAMA_LIKE, rope_parameters=rope)
     if arch == "mistral":

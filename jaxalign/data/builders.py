@@ -23,7 +23,16 @@ from jaxalign.data.batching import (
     collate_sft,
     pack_examples,
 )
-from jaxalign.data.errors import DataError, OnBadRow, RowStats
+from jaxalign.data.errors import DataError, OnBadRow, OnLongRow, RowStats
+from jaxalign.data.formats import (
+    CONVERSATIONAL,
+    PREFERENCE_FORMATS,
+    PROMPT_FORMATS,
+    SFT_FORMATS,
+    check_format,
+    is_conversational,
+    row_format,
+)
 from jaxalign.data.sources import Source, load_rows
 from jaxalign.data.tokenize import render_prompt, tokenize_preference, tokenize_prompt, tokenize_sft
 
@@ -69,10 +78,22 @@ def _tokenize_all(
     split: str,
     stats: RowStats,
     tokenize_row: Callable[[dict[str, Any], str], Any],
+    *,
+    formats: tuple[str, ...],
+    algorithm: str,
 ) -> list[Any]:
+    """Tokenised rows (`None`s dropped); the first row's format must be one `algorithm` takes
+    (else `DataError`, whatever `on_bad_row` says: a whole dataset of the wrong kind is no bad row),
+    and is recorded in `stats.formats` with every other row's."""
     kept = []
     for row, where in load_rows(source, split=split, stats=stats):
+        if not stats.formats:
+            check_format(row, where, formats, algorithm)
         try:
+            kind = row_format(row)
+            if kind != CONVERSATIONAL and is_conversational(row):
+                kind += " (conversational)"
+            stats.formats[kind] += 1
             example = tokenize_row(row, where)
         except DataError as error:
             stats.bad_row(error)
@@ -90,17 +111,22 @@ def build_sft_dataset(
     max_length: int,
     split: str = "train",
     on_bad_row: OnBadRow = "error",
+    on_long_row: OnLongRow = "truncate",
     pack: bool = False,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
+    algorithm: str = "sft",
 ) -> TokenizedDataset:
-    """SFT examples from `{prompt, completion}` / `{messages}` rows; `pack=True` packs them into
-    rows of `max_length` (segment ids 1..k, positions restarting per example)."""
-    stats = RowStats(on_bad_row)
+    """SFT examples from `{text}`, `{prompt, completion}` (strings or message lists) or
+    `{messages}` rows; `pack=True` packs them into rows of `max_length` (segment ids 1..k,
+    positions restarting per example)."""
+    stats = RowStats(on_bad_row, on_long_row)
 
-    def tokenize_row(row: dict[str, Any], where: str) -> dict[str, np.ndarray]:
+    def tokenize_row(row: dict[str, Any], where: str) -> dict[str, np.ndarray] | None:
         return tokenize_sft(row, tokenizer, max_length=max_length, where=where, stats=stats)
 
-    examples = _tokenize_all(source, split, stats, tokenize_row)
+    examples = _tokenize_all(
+        source, split, stats, tokenize_row, formats=SFT_FORMATS, algorithm=algorithm
+    )
     if pack:
         examples = pack_examples(examples, length=max_length)
     stats.log_summary("sft")
@@ -121,8 +147,10 @@ def build_preference_dataset(
     max_prompt_length: int,
     split: str = "train",
     on_bad_row: OnBadRow = "error",
+    on_long_row: OnLongRow = "truncate",
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     share_prompt: bool = False,
+    algorithm: str = "dpo",
 ) -> TokenizedDataset:
     """Preference pairs (string, chat-messages or Anthropic-HH rows) for DPO / reward models.
 
@@ -133,7 +161,7 @@ def build_preference_dataset(
         raise ValueError(
             f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})"
         )
-    stats = RowStats(on_bad_row)
+    stats = RowStats(on_bad_row, on_long_row)
 
     def tokenize_row(row: dict[str, Any], where: str) -> dict[str, Any] | None:
         return tokenize_preference(
@@ -145,7 +173,9 @@ def build_preference_dataset(
             stats=stats,
         )
 
-    examples = _tokenize_all(source, split, stats, tokenize_row)
+    examples = _tokenize_all(
+        source, split, stats, tokenize_row, formats=PREFERENCE_FORMATS, algorithm=algorithm
+    )
     with_reference = sum("reference_chosen_logps" in example for example in examples)
     if 0 < with_reference < len(examples):
         raise ValueError(
@@ -176,12 +206,14 @@ def build_prompt_dataset(
     max_prompt_length: int,
     split: str = "train",
     on_bad_row: OnBadRow = "error",
+    on_long_row: OnLongRow = "truncate",
     buckets: Sequence[int] = DEFAULT_BUCKETS,
+    algorithm: str = "ppo",
 ) -> TokenizedDataset:
     """Left-padded prompts for PPO rollouts / evaluation, from `prompt` (string or messages) or
     `messages` (trailing assistant turns removed) rendered with `add_generation_prompt=True`.
     `texts[i]` is the rendered prompt of `examples[i]` (untruncated)."""
-    stats = RowStats(on_bad_row)
+    stats = RowStats(on_bad_row, on_long_row)
 
     def tokenize_row(row: dict[str, Any], where: str) -> tuple[dict[str, np.ndarray], str, dict]:
         text = render_prompt(row, tokenizer, where=where)
@@ -192,9 +224,11 @@ def build_prompt_dataset(
             where=where,
             stats=stats,
         )
-        return example, text, _prompt_row(row)
+        return None if example is None else (example, text, _prompt_row(row))
 
-    pairs = _tokenize_all(source, split, stats, tokenize_row)
+    pairs = _tokenize_all(
+        source, split, stats, tokenize_row, formats=PROMPT_FORMATS, algorithm=algorithm
+    )
     stats.log_summary("prompt")
     bucket_set = Buckets(buckets, max_length=max_prompt_length, name="prompt")
     return TokenizedDataset(

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 OnBadRow = Literal["error", "skip"]
 ON_BAD_ROW_CHOICES: tuple[str, ...] = ("error", "skip")
+OnLongRow = Literal["truncate", "skip", "error"]
+ON_LONG_ROW_CHOICES: tuple[str, ...] = ("truncate", "skip", "error")
 
 
 class DataError(ValueError):
@@ -43,16 +45,26 @@ def check_on_bad_row(on_bad_row: str) -> None:
 
 
 class RowStats:
-    """Counts of rows read, kept, skipped (bad, per reason), dropped (per reason) and truncated."""
+    """Counts of rows read, kept, skipped (bad, per reason), dropped (per reason) and truncated.
 
-    def __init__(self, on_bad_row: OnBadRow = "error"):
+    `on_long_row` says what a row longer than the length limits gets: `"truncate"` (counted per
+    field in `truncated`), `"skip"` (counted in `dropped["too_long"]`) or `"error"` (`DataError`).
+    """
+
+    def __init__(self, on_bad_row: OnBadRow = "error", on_long_row: OnLongRow = "truncate"):
         check_on_bad_row(on_bad_row)
+        if on_long_row not in ON_LONG_ROW_CHOICES:
+            raise ValueError(
+                f"on_long_row must be one of {ON_LONG_ROW_CHOICES}, got {on_long_row!r}"
+            )
         self.on_bad_row = on_bad_row
+        self.on_long_row = on_long_row
         self.rows_read = 0
         self.rows_kept = 0
         self.skipped: collections.Counter[str] = collections.Counter()
         self.dropped: collections.Counter[str] = collections.Counter()
         self.truncated: collections.Counter[str] = collections.Counter()
+        self.formats: collections.Counter[str] = collections.Counter()  # rows per dataset format
         self._first_skip: dict[str, str] = {}
 
     def bad_row(self, error: DataError) -> None:
@@ -68,6 +80,17 @@ class RowStats:
     def truncate(self, what: str) -> None:
         self.truncated[what] += 1
 
+    def long_row(self, where: str, field: str, detail: str) -> bool:
+        """Applies `on_long_row` to a row whose `field` is too long: True = truncate it (counted),
+        False = drop the row (counted); raises `DataError` under `"error"`."""
+        if self.on_long_row == "error":
+            raise DataError(where, field, "too_long", f"{detail} (data.on_long_row=error)")
+        if self.on_long_row == "skip":
+            self.drop("too_long")
+            return False
+        self.truncate(field)
+        return True
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "rows_read": self.rows_read,
@@ -75,6 +98,7 @@ class RowStats:
             "skipped": dict(sorted(self.skipped.items())),
             "dropped": dict(sorted(self.dropped.items())),
             "truncated": dict(sorted(self.truncated.items())),
+            "formats": dict(sorted(self.formats.items())),
         }
 
     def log_summary(self, name: str) -> None:

@@ -31,6 +31,9 @@ class BatchIterator:
     Attributes:
       last_batch_indices: dataset indices of the rows of the batch just yielded (process-local),
         e.g. to look up prompt texts, which batches do not carry.
+      source_stats: the dataset's row counts (read, kept, skipped, dropped, truncated), when the
+        caller sets them, for the start-up summary.
+      num_examples: examples per epoch.
     """
 
     def __init__(
@@ -80,6 +83,8 @@ class BatchIterator:
         self.epoch = 0
         self.position = 0
         self.last_batch_indices: np.ndarray = np.zeros((0,), np.int64)
+        # The dataset's row counts (`TokenizedDataset.stats`), if the caller records them.
+        self.source_stats: dict[str, Any] | None = None
         self._order_epoch: int | None = None
         self._order = np.zeros((0,), np.int64)
 

@@ -121,8 +121,12 @@ def chat_segments(
     *,
     where: str,
     field: str = "messages",
+    train_from: int = 0,
 ) -> list[tuple[str, bool]]:
     """Splits a rendered conversation into `(text, is_assistant)` pieces, in order.
+
+    Assistant turns before message `train_from` count as context (`is_assistant=False`): a
+    conversational prompt-completion row trains on its completion only.
 
     The span of assistant turn i is `render(messages[:i+1])` minus its prefix
     `render(messages[:i], add_generation_prompt=True)`: it holds the reply and the template's
@@ -134,7 +138,7 @@ def chat_segments(
     pieces: list[tuple[str, bool]] = []
     cursor = 0
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or index < train_from:
             continue
         start_text = _render(tokenizer, messages[:index], add_generation_prompt=True)
         end_text = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
@@ -159,36 +163,30 @@ def tokenize_sft(
     max_length: int,
     where: str,
     stats: RowStats | None = None,
-) -> dict[str, np.ndarray]:
-    """Tokenises a `{prompt, completion}` or `{messages}` row for SFT.
+) -> dict[str, np.ndarray] | None:
+    """Tokenises an SFT row: `{text}`, `{prompt, completion}` (strings, or message lists) or
+    `{messages}`.
 
     Returns:
-      `{"input_ids": int32[n], "loss_mask": int32[n]}` with n <= max_length; the completion (or
-      every assistant turn) has loss 1, the prompt/BOS/other turns 0. A completion that does not
-      fit is cut at max_length (counted in `stats.truncated["completion"|"messages"]`); a prompt
+      `{"input_ids": int32[n], "loss_mask": int32[n]}` with n <= max_length: every token of a
+      `text` row, the completion (its assistant turns for message lists), or every assistant turn of
+      `messages` has loss 1, the rest 0. `{text: t}` tokenises as `{prompt: "", completion: t}`,
+      and `{prompt: [turns], completion: [reply]}` as `{messages: [turns, reply]}` when the prompt
+      holds no assistant turn. A row longer than max_length follows `stats.on_long_row` (cut at
+      max_length by default, counted in `stats.truncated[field]`; `None` when skipped); a prompt
       that leaves no room for one completion token is a bad row (`prompt_too_long`).
     """
-    if row.get("messages") is not None:
-        field = "messages"
-        messages = _check_messages(row["messages"], field, where)
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(where, field, "no_assistant_turn", "conversation has no assistant turn")
-        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-            raise DataError(where, field, "empty_completion", "an assistant turn is empty")
-        ids: list[int] = []
-        mask: list[int] = []
-        for text, is_assistant in chat_segments(tokenizer, messages, where=where):
-            piece = _encode(tokenizer, text)
-            ids += piece
-            mask += [int(is_assistant)] * len(piece)
-        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-            ids, mask = [tokenizer.bos_token_id, *ids], [0, *mask]
+    prompt = row.get("prompt")
+    if row.get("messages") is not None or isinstance(prompt, list):
+        ids, mask, field = _chat_sft(row, tokenizer, where)
     else:
-        prompt = _get_str(row, "prompt", where)
-        completion = _get_str(row, "completion", where)
+        if row.get("completion") is None and row.get("text") is not None:
+            field, prompt, completion = "text", "", _get_str(row, "text", where)
+        else:
+            field = "completion"
+            prompt, completion = _get_str(row, "prompt", where), _get_str(row, field, where)
         if not completion.strip():
-            raise DataError(where, "completion", "empty_completion", "completion is empty")
-        field = "completion"
+            raise DataError(where, field, "empty_completion", f"{field} is empty")
         prompt_ids = _with_bos(tokenizer, _encode(tokenizer, prompt))
         completion_ids = _encode(tokenizer, completion) + _eos(tokenizer)
         ids = prompt_ids + completion_ids
@@ -196,15 +194,51 @@ def tokenize_sft(
 
     first_target = next((t for t, m in enumerate(mask) if m and t > 0), None)
     if first_target is None or first_target >= max_length:
-        prompt_field = "messages" if field == "messages" else "prompt"
+        prompt_field = "prompt" if field in ("completion", "text") else field
         detail = f"prompt is {first_target or len(ids)} tokens, leaving no room in max_length={max_length}"
         raise DataError(where, prompt_field, "prompt_too_long", detail)
     if len(ids) > max_length:
+        detail = f"{len(ids)} tokens > data.max_length={max_length}"
+        if not _keep_long_row(stats, where, field, detail):
+            return None
         ids, mask = ids[:max_length], mask[:max_length]
-        if stats is not None:
-            stats.truncate(field)
     mask[0] = 0  # nothing predicts the first token
     return {"input_ids": _int32(ids), "loss_mask": _int32(mask)}
+
+
+def _keep_long_row(stats: RowStats | None, where: str, field: str, detail: str) -> bool:
+    """`stats.long_row` (the `on_long_row` policy); without stats, truncate uncounted."""
+    return True if stats is None else stats.long_row(where, field, detail)
+
+
+def _chat_sft(
+    row: Row, tokenizer: PreTrainedTokenizerBase, where: str
+) -> tuple[list[int], list[int], str]:
+    """ids, loss mask and field of a `{messages}` or conversational `{prompt, completion}` row."""
+    if row.get("messages") is not None:
+        field, train_from = "messages", 0
+        messages = _check_messages(row["messages"], field, where)
+    else:
+        field = "completion"
+        prompt = _check_messages(row["prompt"], "prompt", where)
+        messages = prompt + _check_messages(_get(row, field, where), field, where)
+        train_from = len(prompt)
+    trained = [m for m in messages[train_from:] if m["role"] == "assistant"]
+    if not trained:
+        raise DataError(where, field, "no_assistant_turn", f"{field} has no assistant turn")
+    if any(not m["content"].strip() for m in trained):
+        raise DataError(where, field, "empty_completion", "an assistant turn is empty")
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, is_assistant in chat_segments(
+        tokenizer, messages, where=where, field=field, train_from=train_from
+    ):
+        piece = _encode(tokenizer, text)
+        ids += piece
+        mask += [int(is_assistant)] * len(piece)
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids, mask = [tokenizer.bos_token_id, *ids], [0, *mask]
+    return ids, mask, field
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +266,11 @@ def split_preference(row: Row, tokenizer: PreTrainedTokenizerBase, *, where: str
       or a string (prepended as a user turn only if the lists hold no user turn), or absent.
       Everything before the last message must agree; the prompt is it rendered with
       `add_generation_prompt=True`, each response the rest of the full rendering.
-    * Anthropic HH: only `chosen`/`rejected` full transcripts; the prompt is their common prefix
-      up to and including its last `"\\n\\nAssistant:"`.
+    * Implicit prompt, strings (only `chosen`/`rejected`): Anthropic HH transcripts split after
+      the last `"\\n\\nAssistant:"` of their common prefix; other texts, as TRL's
+      `extract_prompt`, at the last whitespace of their common prefix (the responses keep it).
+    * Implicit prompt, message lists: everything before the last (assistant) message, which must
+      agree between the two.
     """
     chosen, rejected = _get(row, "chosen", where), _get(row, "rejected", where)
     prompt = row.get("prompt")
@@ -260,10 +297,16 @@ def _split_hh(chosen: str, rejected: str, where: str) -> PreferenceText:
     if chosen == rejected:  # identical pairs are dropped later; any split will do
         common = len(chosen)
     marker = chosen.rfind(HH_ASSISTANT_MARKER, 0, common)
-    if marker < 0 or marker + len(HH_ASSISTANT_MARKER) > common:
-        detail = f"no prompt field and no shared {HH_ASSISTANT_MARKER!r} prefix to split at"
-        raise DataError(where, "prompt", "missing_field", detail)
-    cut = marker + len(HH_ASSISTANT_MARKER)
+    if marker >= 0 and marker + len(HH_ASSISTANT_MARKER) <= common:
+        cut = marker + len(HH_ASSISTANT_MARKER)
+    else:
+        # TRL's implicit prompt: the shared leading text, cut back to a word boundary so both
+        # responses start with their first whole word (and the space before it).
+        cut = max(chosen.rfind(c, 0, common + 1) for c in " \n\t")
+        if cut <= 0 and chosen != rejected:
+            detail = "no prompt field and no shared leading text to take as the prompt"
+            raise DataError(where, "prompt", "missing_field", detail)
+        cut = max(cut, 0)
     prompt, chosen_response, rejected_response = chosen[:cut], chosen[cut:], rejected[cut:]
     return PreferenceText(
         prompt, chosen_response, rejected_response, chosen_response, rejected_response, False
@@ -326,9 +369,11 @@ def tokenize_preference(
 ) -> dict[str, Any] | None:
     """Tokenises a preference row; `None` when the pair is dropped (reason counted in `stats`).
 
-    Truncation: the prompt keeps its *end* (left-truncated to `max_prompt_length`, BOS kept), then
-    each response is cut so prompt + response <= `max_length`. Dropped: identical responses
-    (`identical_responses`, also after truncation) and empty ones (`empty_response`).
+    Truncation (`stats.on_long_row="truncate"`, the default): the prompt keeps its *end*
+    (left-truncated to `max_prompt_length`, BOS kept), then each response is cut so prompt +
+    response <= `max_length`; `"skip"` drops such a pair (`too_long`), `"error"` raises. Dropped:
+    identical responses (`identical_responses`, also after truncation) and empty ones
+    (`empty_response`).
 
     Returns:
       `{"prompt_ids", "chosen_ids", "rejected_ids"}` int32 arrays (responses exclude the prompt),
@@ -359,17 +404,20 @@ def tokenize_preference(
 
     prompt_ids = _with_bos(tokenizer, _encode(tokenizer, text.prompt))
     if len(prompt_ids) > max_prompt_length:
+        detail = f"{len(prompt_ids)} tokens > data.max_prompt_length={max_prompt_length}"
+        if not _keep_long_row(stats, where, "prompt", detail):
+            return None
         prompt_ids = _left_truncate(prompt_ids, max_prompt_length, tokenizer.bos_token_id)
-        if stats is not None:
-            stats.truncate("prompt")
     room = max_length - len(prompt_ids)
     responses = {}
     for name, response in (("chosen", text.chosen), ("rejected", text.rejected)):
         ids = _encode(tokenizer, response) + ([] if text.is_chat else _eos(tokenizer))
         if len(ids) > room:
+            total = len(prompt_ids) + len(ids)
+            detail = f"prompt + {name} is {total} tokens > data.max_length={max_length}"
+            if not _keep_long_row(stats, where, name, detail):
+                return None
             ids = ids[:room]
-            if stats is not None:
-                stats.truncate(name)
         responses[name] = ids
     if responses["chosen"] == responses["rejected"]:
         return drop("identical_responses")
@@ -415,11 +463,13 @@ def tokenize_prompt(
     max_prompt_length: int,
     where: str,
     stats: RowStats | None = None,
-) -> dict[str, np.ndarray]:
-    """`{"prompt_ids": int32[n]}`, n <= max_prompt_length, keeping the prompt's end (and BOS)."""
+) -> dict[str, np.ndarray] | None:
+    """`{"prompt_ids": int32[n]}`, n <= max_prompt_length, keeping the prompt's end (and BOS);
+    `None` when a longer prompt is skipped (`stats.on_long_row="skip"`)."""
     ids = _with_bos(tokenizer, _encode(tokenizer, render_prompt(row, tokenizer, where=where)))
     if len(ids) > max_prompt_length:
+        detail = f"{len(ids)} tokens > data.max_prompt_length={max_prompt_length}"
+        if not _keep_long_row(stats, where, "prompt", detail):
+            return None
         ids = _left_truncate(ids, max_prompt_length, tokenizer.bos_token_id)
-        if stats is not None:
-            stats.truncate("prompt")
     return {"prompt_ids": _int32(ids)}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,16 +14,45 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxalign import hub
 from jaxalign.data import BatchIterator, build_preference_dataset, build_prompt_dataset
+from jaxalign.data.sources import HubDataset
 from jaxalign.models import Transformer, save_pretrained
 
 logger = logging.getLogger(__name__)
 
 
-def data_source(spec: str) -> str | list[str]:
-    """`data.train`/`data.eval`: one path or hub name, or several comma-separated files."""
+def data_source(spec: str, data_cfg: ml_collections.ConfigDict | None = None) -> Any:
+    """`data.train`/`data.eval`: one path or hub name, or several comma-separated ones.
+
+    A name that is not a local path is a hub dataset, read with `data.subset`, `data.data_files`
+    and `data.revision` when `data_cfg` (`config.data`) is given.
+    """
     parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if data_cfg is not None:
+        hub_options = dict(
+            subset=data_cfg.subset, data_files=data_cfg.data_files, revision=data_cfg.revision
+        )
+        parts = [p if os.path.exists(p) else HubDataset(p, **hub_options) for p in parts]
     return parts[0] if len(parts) == 1 else parts
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full global batches in one pass over the examples (the iterator drops the remainder)."""
+    return max(num_examples // batch_size, 1)
+
+
+def resolve_num_steps(config: ml_collections.ConfigDict, num_examples: int) -> None:
+    """With `train.num_epochs > 0`, sets `train.num_steps` to that many passes over the data."""
+    if config.train.num_epochs > 0:
+        per_epoch = steps_per_epoch(num_examples, config.train.batch_size)
+        config.train.num_steps = max(1, math.ceil(config.train.num_epochs * per_epoch))
+        logger.info(
+            "train.num_epochs=%g: %d steps (%d per epoch)",
+            config.train.num_epochs,
+            config.train.num_steps,
+            per_epoch,
+        )
 
 
 def train_iterator(dataset: Any, config: ml_collections.ConfigDict) -> BatchIterator:
@@ -29,7 +61,7 @@ def train_iterator(dataset: Any, config: ml_collections.ConfigDict) -> BatchIter
             f"data.train has {len(dataset.examples)} usable examples, fewer than "
             f"train.batch_size={config.train.batch_size}"
         )
-    return BatchIterator(
+    iterator = BatchIterator(
         dataset.examples,
         batch_size=config.train.batch_size,
         collate=dataset.collate,
@@ -38,6 +70,8 @@ def train_iterator(dataset: Any, config: ml_collections.ConfigDict) -> BatchIter
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    iterator.source_stats = dataset.stats  # for the engine's start-up summary
+    return iterator
 
 
 def eval_batches_fn(dataset: Any, config: ml_collections.ConfigDict):
@@ -85,18 +119,20 @@ def preference_datasets(
 
     def dataset(spec: str, split: str):
         return build_preference_dataset(
-            data_source(spec),
+            data_source(spec, config.data),
             tokenizer,
             max_length=config.data.max_length,
             max_prompt_length=config.data.max_prompt_length,
             split=split,
             on_bad_row=config.data.on_bad_row,
+            on_long_row=config.data.on_long_row,
             buckets=tuple(config.data.buckets),
             share_prompt=share_prompt,
+            algorithm=config.algorithm,
         )
 
     train_data = dataset(config.data.train, config.data.train_split)
-    logger.info("preference data: %s", train_data.stats)
+    logger.debug("preference data: %s", train_data.stats)
     eval_data = dataset(config.data.eval, config.data.eval_split) if config.data.eval else None
     return train_data, eval_data
 
@@ -104,14 +140,18 @@ def preference_datasets(
 def prompt_dataset(config: ml_collections.ConfigDict, tokenizer: Any) -> Any:
     """The prompts online RL samples from (`data.train`), with their rows for reward functions."""
     prompts = build_prompt_dataset(
-        data_source(config.data.train),
+        data_source(config.data.train, config.data),
         tokenizer,
         max_prompt_length=config.data.max_prompt_length,
         split=config.data.train_split,
         on_bad_row=config.data.on_bad_row,
+        on_long_row=config.data.on_long_row,
         buckets=tuple(config.data.buckets),
+        algorithm=config.algorithm,
     )
-    logger.info("prompts: %s", prompts.stats)
+    logger.debug("prompts: %s", prompts.stats)
+    # Online trainers build their optimizer after this: num_epochs resolves in time.
+    resolve_num_steps(config, len(prompts.examples))
     return prompts
 
 
@@ -131,12 +171,16 @@ def _model_parallel(config: ml_collections.ConfigDict) -> int:
     return jax.device_count() // (axes["data"] * axes["fsdp"])
 
 
-def exporter(model: Transformer, tokenizer: Any):
-    """`(params, out_dir) -> None`: a Hugging Face model directory with the tokenizer beside it."""
+def exporter(model: Transformer, tokenizer: Any, config: ml_collections.ConfigDict | None = None):
+    """`(params, out_dir) -> None`: a Hugging Face model directory with the tokenizer and a
+    generated model card (`README.md`, from `config` when given) beside it. The engine rewrites the
+    card with the final metrics once training ends."""
 
     def export(params: Any, out_dir: Path) -> None:
         save_pretrained(model, params, out_dir)
         if jax.process_index() == 0:
             tokenizer.save_pretrained(str(out_dir))
+            card_config = json.loads(config.to_json_best_effort()) if config is not None else {}
+            hub.write_model_card(out_dir, card_config)
 
     return export

@@ -45,8 +45,16 @@ def needs_reference_model(dpo_cfg: ml_collections.ConfigDict) -> bool:
     return not (dpo_cfg.reference_free or dpo_cfg.loss_type in REFERENCE_FREE_TYPES)
 
 
-def dpo_loss_fn(model: Transformer, dpo_cfg: ml_collections.ConfigDict, *, chunk_size: int | None):
-    """Per-pair DPO-family loss; the reference log-probs come from the batch or the frozen params."""
+def dpo_loss_fn(
+    model: Transformer,
+    dpo_cfg: ml_collections.ConfigDict,
+    *,
+    chunk_size: int | None,
+    reference_model: Any = None,
+):
+    """Per-pair DPO-family loss; the reference log-probs come from the batch or the frozen params
+    run through `reference_model` (default: `model`; with LoRA, the base with adapters off)."""
+    reference_model = model if reference_model is None else reference_model
     variant_kwargs = dpo_variant_kwargs(dpo_cfg)
     use_reference = needs_reference_model(dpo_cfg)
 
@@ -64,7 +72,7 @@ def dpo_loss_fn(model: Transformer, dpo_cfg: ml_collections.ConfigDict, *, chunk
             )
         else:
             ref_chosen, ref_rejected, _, _ = response_logps(
-                model, jax.lax.stop_gradient(ref_params), batch, chunk_size=chunk_size
+                reference_model, jax.lax.stop_gradient(ref_params), batch, chunk_size=chunk_size
             )
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen,
@@ -146,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
             for data in (train_data, eval_data):
                 if data is not None:
                     precompute_reference_logps(
-                        setup.model,
+                        setup.reference_model,
                         ref_params,
                         data,
                         setup.mesh,
@@ -159,10 +167,12 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         config,
         workdir,
         setup,
-        loss_fn=dpo_loss_fn(setup.model, dpo_cfg, chunk_size=chunk_size),
+        loss_fn=dpo_loss_fn(
+            setup.model, dpo_cfg, chunk_size=chunk_size, reference_model=setup.reference_model
+        ),
         train_data=train_data,
         eval_data=eval_data,
         frozen=ref_params,
-        frozen_shardings=setup.param_shardings if ref_params is not None else None,
+        frozen_shardings=None if ref_params is None else setup.reference_shardings,
         tokens_per_batch=common.pair_tokens,
     )

@@ -34,13 +34,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxalign import checkpoint as ckpt
+from jaxalign import hub
 from jaxalign import sharding as shd
 from jaxalign.metrics import MetricWriter
 from jaxalign.models import Transformer
 from jaxalign.optim import accumulate_gradients, make_optimizer
+from jaxalign.run_summary import compile_seconds, startup_summary
 from jaxalign.trainers import common
 from jaxalign.trainers.setup import RunSetup, abstract_params
 
@@ -86,7 +89,8 @@ def create_train_state(
     seed: int,
 ) -> tuple[TrainState, TrainState]:
     """Sharded `TrainState` and its matching pytree of shardings."""
-    # `model` may also be a pytree of boxed abstract params (several models in one state, e.g. PPO).
+    # `model` may also be a pytree of boxed abstract params (several models in one state, e.g.
+    # PPO's, or LoRA's trainable adapters).
     boxed = abstract_params(model) if isinstance(model, Transformer) else model
     opt_shardings = shd.param_shardings(jax.eval_shape(tx.init, boxed), mesh, rules)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
@@ -222,6 +226,13 @@ def evaluate(
     return {f"eval/{name}": value / denominator for name, value in totals.items()}
 
 
+def _global_count(local: int) -> int:
+    """A per-process count summed over all processes (each holds a different slice)."""
+    if jax.process_count() == 1:
+        return local
+    return int(multihost_utils.process_allgather(np.int64(local)).sum())
+
+
 def run_training(
     *,
     config: ml_collections.ConfigDict,
@@ -278,19 +289,42 @@ def run_training(
         if host_state is not None:
             host_state.load_state_dict(restored.data_state["host"])
         step = restored.step
+        num_tokens = int(restored.data_state.get("num_tokens", 0))
         logger.info("resumed from step %d in %s", step, workdir)
+    else:
+        num_tokens = 0  # cumulative tokens trained on (all processes), TRL's `num_tokens`
 
-    writer = MetricWriter(workdir, total_steps=train_cfg.num_steps)
+    if jax.process_index() == 0:
+        summary = startup_summary(
+            config=config,
+            mesh=mesh,
+            params=state.params,
+            frozen=frozen,
+            train_iterator=train_iterator,
+            workdir=workdir,
+            start_step=step,
+        )
+        logger.info("%s", summary)
+    wandb = None
+    if train_cfg.wandb_project:
+        wandb = {
+            "project": train_cfg.wandb_project,
+            "mode": train_cfg.wandb_mode,
+            "config": config_json,
+        }
+    writer = MetricWriter(workdir, total_steps=train_cfg.num_steps, wandb=wandb)
     preemption = ckpt.install_preemption_handler()
     last_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     stopped_early = None
     evaluated_at = None
-    window_tokens, window_start = 0, time.perf_counter()
     shapes_seen: set[tuple] = set()
+    batches_per_epoch = getattr(train_iterator, "batches_per_epoch", None)
 
     def save(force: bool) -> None:
         data_state = {"iterator": train_iterator.state_dict()}
+        if tokens_per_batch is not None:
+            data_state["num_tokens"] = num_tokens
         if host_state is not None:
             data_state["host"] = host_state.state_dict()
         checkpointer.save(step, state=state, data_state=data_state, config=config_json, force=force)
@@ -305,21 +339,29 @@ def run_training(
         while step < train_cfg.num_steps:
             local_batch = next(train_iterator)
             signature = tuple(sorted((k, v.shape) for k, v in local_batch.items()))
-            if signature not in shapes_seen:
+            new_shapes = signature not in shapes_seen
+            if new_shapes:
                 shapes_seen.add(signature)
-                logger.info("new batch shapes (compiles once): %s", dict(signature))
-            window_tokens += tokens_per_batch(local_batch) if tokens_per_batch else 0
+                compiled_before, started = compile_seconds(), time.perf_counter()
+            if tokens_per_batch is not None:
+                num_tokens += _global_count(tokens_per_batch(local_batch))
             state, metrics = iteration(state, local_batch)
+            if new_shapes:  # the call returns once compiled (the step itself runs async)
+                logger.info(
+                    "step %d: compiled for batch shapes %s in %.1f s (%.1f s wall)",
+                    step + 1,
+                    {k: tuple(shape) for k, shape in signature},
+                    compile_seconds() - compiled_before,
+                    time.perf_counter() - started,
+                )
             step += 1
             if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if tokens_per_batch is not None:
-                    elapsed = time.perf_counter() - window_start
-                    last_metrics["tokens_per_s"] = (
-                        window_tokens * jax.process_count() / max(elapsed, 1e-9)
-                    )
-                writer.write(step, last_metrics)
-                window_tokens, window_start = 0, time.perf_counter()
+                    last_metrics["num_tokens"] = float(num_tokens)
+                if batches_per_epoch:
+                    last_metrics["epoch"] = step / batches_per_epoch
+                last_metrics = writer.write(step, last_metrics) or last_metrics
             # Checked every step, not only at log steps: a run of bad steps shorter than
             # log_every must still stop it (one scalar sync per step).
             if (
@@ -350,6 +392,10 @@ def run_training(
     if export is not None and train_cfg.export_hf and not stopped_early:
         export_dir = workdir / "hf"
         export(state.params, export_dir)
+        if jax.process_index() == 0:
+            hub.write_model_card(export_dir, config_json, {**last_metrics, **eval_metrics})
+            if train_cfg.push_to_hub:
+                hub.push_to_hub(export_dir, train_cfg.push_to_hub)
     return RunResult(
         state=state,
         last_metrics=last_metrics,
@@ -373,16 +419,19 @@ def train_offline(
     tokens_per_batch: Callable[[dict[str, np.ndarray]], int] | None = None,
 ) -> RunResult:
     """An offline algorithm end to end: optimizer, state, jitted step, then `run_training`."""
+    common.resolve_num_steps(config, len(train_data.examples))
     tx, schedule = make_optimizer(config.optimizer, total_steps=config.train.num_steps)
     state, state_shardings = create_train_state(
         setup.params,
         setup.param_shardings,
-        setup.model,
+        setup.boxed_params,
         tx,
         setup.mesh,
         setup.rules,
         seed=config.seed,
     )
+    # LoRA: the loss sees trainable ∪ frozen base params; the base travels beside `frozen`.
+    loss_fn, frozen, frozen_shardings = setup.bind_frozen(loss_fn, frozen, frozen_shardings)
     step = make_train_step(
         loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
     )
@@ -398,5 +447,5 @@ def train_offline(
         eval_step=jax.jit(make_eval_step(loss_fn)),
         eval_batches=common.eval_batches_fn(eval_data, config),
         tokens_per_batch=tokens_per_batch,
-        export=common.exporter(setup.model, setup.tokenizer),
+        export=setup.exporter(config),
     )

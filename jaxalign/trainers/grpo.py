@@ -102,6 +102,7 @@ def grpo_loss_fn(
 
 def rollout_logprobs(
     policy: Transformer,
+    reference: Transformer,
     params: Any,
     ref_params: Any,
     prompt_len: int,
@@ -112,10 +113,13 @@ def rollout_logprobs(
 ) -> dict[str, jax.Array]:
     """Response log-probs under the sampling policy (`params`) and/or the reference, `[R, N]`."""
     out = {}
-    for name, p in (("old_logprobs", params), ("ref_logprobs", ref_params)):
+    for name, model, p in (
+        ("old_logprobs", policy, params),
+        ("ref_logprobs", reference, ref_params),
+    ):
         if p is not None:
             logprobs, _ = sequence_token_logprobs(
-                policy,
+                model,
                 p,
                 *sequences,
                 temperature=temperature,
@@ -139,6 +143,7 @@ class GRPOIteration:
     prompts: Any  # the prompt dataset (rows and their extra columns for the reward functions)
     iterator: Any  # its batch iterator (which rows the current batch holds)
     update_step: Any  # jitted engine train step of `grpo_loss_fn`
+    frozen: Any = None  # what the step takes beside the state (LoRA: the frozen base)
 
     def __post_init__(self) -> None:
         cfg, policy = self.config.grpo, self.setup.model
@@ -150,6 +155,7 @@ class GRPOIteration:
             rl.microbatched(
                 lambda params, ref, prompt_len, seqs: rollout_logprobs(
                     policy,
+                    self.setup.reference_model,
                     params,
                     ref,
                     prompt_len,
@@ -179,7 +185,7 @@ class GRPOIteration:
         mesh, group_size = self.setup.mesh, self.config.grpo.num_generations
         rollout = rl.sample_rollout(
             self.setup.model,
-            state.params,
+            self.setup.full_params(state.params),
             shd.shard_batch(local_prompts, mesh),
             rng=key,
             sampling=self.sampling,
@@ -242,7 +248,7 @@ class GRPOIteration:
         if cfg.dynamic_sampling:
             keep = ~jnp.repeat(self.equal_groups_fn(reward), cfg.num_generations)
             loss_mask = loss_mask * keep[:, None]
-        old_policy = state.params if cfg.num_iterations > 1 else None
+        old_policy = self.setup.full_params(state.params) if cfg.num_iterations > 1 else None
         batch = {
             "input_ids": rollout.input_ids,
             "attention_mask": rollout.attention_mask,
@@ -257,7 +263,7 @@ class GRPOIteration:
         }
         update_metrics = []
         for _ in range(cfg.num_iterations):
-            state, metrics = self.update_step(state, batch, None)
+            state, metrics = self.update_step(state, batch, self.frozen)
             update_metrics.append(metrics)
         jax.block_until_ready(state.step)
         t_update = time.perf_counter() - t1
@@ -315,13 +321,14 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
     state, state_shardings = engine.create_train_state(
         setup.params,
         setup.param_shardings,
-        setup.model,
+        setup.boxed_params,
         tx,
         setup.mesh,
         setup.rules,
         seed=config.seed,
     )
     loss_fn = grpo_loss_fn(setup.model, grpo_cfg, chunk_size=config.model.logits_chunk_size or None)
+    loss_fn, frozen, frozen_shardings = setup.bind_frozen(loss_fn, None, None)
     step = engine.make_train_step(
         loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
     )
@@ -333,7 +340,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         reward_models=reward_models,
         prompts=prompts,
         iterator=iterator,
-        update_step=engine.jit_train_step(step, state_shardings, setup.mesh, None),
+        update_step=engine.jit_train_step(step, state_shardings, setup.mesh, frozen_shardings),
+        frozen=frozen,
     )
     return engine.run_training(
         config=config,
@@ -343,7 +351,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         state_shardings=state_shardings,
         train_iterator=iterator,
         iteration=iteration,
-        export=common.exporter(setup.model, setup.tokenizer),
+        export=setup.exporter(config),
     )
 
 

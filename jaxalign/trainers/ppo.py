@@ -56,8 +56,12 @@ def score_rollout(
     prompt_len: int,
     temperature: float,
     chunk_size: int | None,
+    reference_model: Transformer | None = None,
 ) -> dict[str, jax.Array]:
-    """Old and reference log-probs, entropy and values of the response tokens, and RM scores."""
+    """Old and reference log-probs, entropy and values of the response tokens, and RM scores.
+
+    The reference runs `reference_model` (default: the policy's module; with LoRA, the base with
+    adapters off) on `ref_params`."""
     logprobs, entropy = sequence_token_logprobs(
         policy,
         params["policy"],
@@ -67,7 +71,7 @@ def score_rollout(
         chunk_size=chunk_size,
     )
     ref_logprobs, _ = sequence_token_logprobs(
-        policy,
+        policy if reference_model is None else reference_model,
         ref_params,
         input_ids,
         attention_mask,
@@ -234,6 +238,7 @@ class PPOIteration:
     iterator: Any  # its batch iterator (which rows the current batch holds)
     update_step: Any  # jitted engine train step of `ppo_loss_fn`
     kl_coef: KLCoefficient
+    frozen: Any = None  # what the step takes beside the state (LoRA: the frozen base)
 
     def __post_init__(self) -> None:
         ppo_cfg, mesh = self.config.ppo, self.setup.mesh
@@ -260,6 +265,7 @@ class PPOIteration:
                     prompt_len=prompt_len,
                     temperature=ppo_cfg.temperature,
                     chunk_size=chunk_size,
+                    reference_model=self.setup.reference_model,
                 ),
                 self.config.optimizer.grad_accum_steps,
             ),
@@ -299,7 +305,7 @@ class PPOIteration:
         t0 = time.perf_counter()
         rollout = rl.sample_rollout(
             self.setup.model,
-            state.params["policy"],
+            self.setup.full_params(state.params["policy"]),
             shd.shard_batch(local_prompts, self.setup.mesh),
             rng=jax.random.fold_in(jax.random.PRNGKey(self.config.seed), index),
             sampling=self.sampling,
@@ -308,8 +314,9 @@ class PPOIteration:
         t_rollout = time.perf_counter() - t0
 
         sequences = (rollout.input_ids, rollout.attention_mask)
+        params = {**state.params, "policy": self.setup.full_params(state.params["policy"])}
         scored = self.score_fn(
-            state.params, self.ref_params, self.reward_params, rollout.prompt_len, sequences
+            params, self.ref_params, self.reward_params, rollout.prompt_len, sequences
         )
         raw_scores = self.scores(rollout, scored)
         scores = raw_scores
@@ -333,7 +340,8 @@ class PPOIteration:
             order = epoch_rng.permutation(batch_size)
             for start in range(0, batch_size, self.minibatch_size):
                 rows = jnp.asarray(order[start : start + self.minibatch_size])
-                state, metrics = self.update_step(state, self.take_rows(batch, rows), None)
+                minibatch = self.take_rows(batch, rows)
+                state, metrics = self.update_step(state, minibatch, self.frozen)
                 update_metrics.append(metrics)
         jax.block_until_ready(state.step)
         t_update = time.perf_counter() - t1
@@ -391,7 +399,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
     state, state_shardings = engine.create_train_state(
         {"policy": setup.params, "critic": critic_params},
         {"policy": setup.param_shardings, "critic": critic_shardings},
-        {"policy": abstract_params(setup.model), "critic": abstract_params(critic)},
+        {"policy": setup.boxed_params, "critic": abstract_params(critic)},
         tx,
         setup.mesh,
         setup.rules,
@@ -405,6 +413,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         prompt_len_of=lambda batch: batch["input_ids"].shape[1] - new_tokens,
         chunk_size=config.model.logits_chunk_size or None,
     )
+    # LoRA: the policy's adapters train, its base rides beside the state (the critic trains fully).
+    loss_fn, frozen, frozen_shardings = setup.bind_frozen(loss_fn, None, None, key="policy")
     step = engine.make_train_step(
         loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
     )
@@ -418,13 +428,14 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         host_rewards=host_rewards,
         prompts=prompts,
         iterator=iterator,
-        update_step=engine.jit_train_step(step, state_shardings, setup.mesh, None),
+        update_step=engine.jit_train_step(step, state_shardings, setup.mesh, frozen_shardings),
         kl_coef=KLCoefficient(ppo_cfg),
+        frozen=frozen,
     )
 
     def export(params: Any, out_dir: Path) -> None:
-        common.exporter(setup.model, setup.tokenizer)(params["policy"], out_dir)
-        common.exporter(critic, setup.tokenizer)(params["critic"], workdir / "hf_critic")
+        setup.exporter(config)(params["policy"], out_dir)
+        common.exporter(critic, setup.tokenizer, config)(params["critic"], workdir / "hf_critic")
 
     return engine.run_training(
         config=config,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,6 +30,15 @@ from jaxalign.models import (
     load_tokenizer,
 )
 from jaxalign.models.hf import read_hf_config, resolve_checkpoint_dir
+from jaxalign.models.lora import (
+    LoraConfig,
+    LoraModel,
+    init_lora,
+    load_peft_adapter,
+    merge_adapters,
+    save_peft_adapter,
+)
+from jaxalign.trainers import common
 
 Params = Any
 
@@ -128,20 +138,117 @@ def with_special_tokens(model: Transformer, tokenizer: Any) -> Transformer:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraView:
+    """A `LoraModel` where code expects a `Transformer`: `.apply({"params": p}, ...)` and `.config`.
+
+    `adapters=False` is the reference of DPO/PPO/GRPO: the base forward (adapters off) on the same
+    params, so the reference needs no second params tree.
+    """
+
+    lora: LoraModel
+    adapters: bool = True
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.lora.base.config
+
+    def apply(self, variables: dict[str, Params], *args: Any, **kwargs: Any) -> Any:
+        if self.adapters:
+            return self.lora.apply(variables["params"], *args, **kwargs)
+        return self.lora.reference_apply(variables["params"], *args, **kwargs)
+
+
 @dataclasses.dataclass
 class RunSetup:
-    """What every trainer starts from: the mesh and the policy (or scalar-head model) on it."""
+    """What every trainer starts from: the mesh and the policy (or scalar-head model) on it.
+
+    With LoRA (`model.lora.rank > 0`), `model` is a `LoraView`, `params` are the trainable adapters
+    (and a reward model's scalar head) and `frozen` the base (quantized for QLoRA); gradients and
+    optimizer state exist for `params` alone.
+    """
 
     mesh: Mesh
     rules: Any
-    model: Transformer
+    model: Transformer | LoraView
     params: Params
     param_shardings: Any
     tokenizer: Any
+    boxed_params: Any  # logically-partitioned abstract `params`, for optimizer-state shardings
+    lora: LoraModel | None = None
+    frozen: Params = None
+    frozen_shardings: Any = None
+
+    @property
+    def reference_model(self) -> Transformer | LoraView:
+        """The reference's module: the policy's own, or (LoRA) the base with adapters off."""
+        return LoraView(self.lora, adapters=False) if self.lora is not None else self.model
+
+    @property
+    def reference_shardings(self) -> Any:
+        """Shardings of `load_reference`'s params: the policy's (LoRA: the frozen base's)."""
+        return self.frozen_shardings if self.lora is not None else self.param_shardings
+
+    def full_params(self, params: Params) -> Params:
+        """Params the model's `apply` takes: the trainable ones, plus the frozen base (LoRA)."""
+        return params if self.lora is None else self.lora.combine(params, self.frozen)
+
+    def bind_frozen(self, loss_fn: Any, frozen: Any, frozen_shardings: Any, *, key: str = ""):
+        """`(loss_fn, frozen, frozen_shardings)` for the engine's step: with LoRA the loss sees
+        full params (trainable ∪ base; under `params[key]` when the params are a dict of models)
+        and the engine passes the base beside the loss's own frozen input."""
+        if self.lora is None:
+            return loss_fn, frozen, frozen_shardings
+        combine = self.lora.combine
+
+        def with_base(params, batch, frozen_pair, rng):
+            base, loss_frozen = frozen_pair
+            if key:
+                params = {**params, key: combine(params[key], base)}
+            else:
+                params = combine(params, base)
+            return loss_fn(params, batch, loss_frozen, rng)
+
+        return with_base, (self.frozen, frozen), (self.frozen_shardings, frozen_shardings)
+
+    def exporter(self, config: ml_collections.ConfigDict | None = None):
+        """`(params, out_dir) -> None`: the HF model (LoRA: merged) and, with LoRA, the PEFT
+        adapter in `out_dir/../adapter`."""
+        if self.lora is None:
+            return common.exporter(self.model, self.tokenizer, config)
+        lora, tokenizer, frozen = self.lora, self.tokenizer, self.frozen
+        merged_export = common.exporter(lora.base, tokenizer, config)
+
+        def export(params: Params, out_dir: Path) -> None:
+            full = lora.combine(params, frozen)
+            merged_export(merge_adapters(lora, full), out_dir)
+            if jax.process_index() == 0:
+                save_peft_adapter(
+                    lora,
+                    jax.device_get(full),
+                    out_dir.parent / "adapter",
+                    base_model_name_or_path=self.base_name_or_path,
+                )
+
+        return export
+
+    base_name_or_path: str = ""  # LoRA: recorded in the PEFT adapter config
+
+
+def lora_config(model_cfg: ml_collections.ConfigDict) -> LoraConfig:
+    lora = model_cfg.lora
+    return LoraConfig(
+        rank=lora.rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        quantization=lora.quantization,
+    )
 
 
 def setup_run(config: ml_collections.ConfigDict, *, head: str = "lm") -> RunSetup:
-    """Mesh, the `config.model` weights sharded on it, and the run's tokenizer (special ids set)."""
+    """Mesh, the `config.model` weights sharded on it, and the run's tokenizer (special ids set);
+    with `model.lora.rank > 0`, adapters on the (optionally quantized) frozen base."""
     mesh = make_mesh(config.mesh)
     rules = config.mesh.logical_rules
     model, params, param_shardings = load_model(
@@ -153,13 +260,39 @@ def setup_run(config: ml_collections.ConfigDict, *, head: str = "lm") -> RunSetu
         seed=config.seed,
     )
     tokenizer = load_run_tokenizer(config, model)
+    model = with_special_tokens(model, tokenizer)
+    if not config.model.lora.rank:
+        return RunSetup(
+            mesh=mesh,
+            rules=rules,
+            model=model,
+            params=params,
+            param_shardings=param_shardings,
+            tokenizer=tokenizer,
+            boxed_params=abstract_params(model),
+        )
+    lora, full = init_lora(
+        model, params, lora_config(config.model), rng=jax.random.PRNGKey(config.seed)
+    )
+    if config.model.lora.init_from:
+        full = load_peft_adapter(lora, full, config.model.lora.init_from)
+    boxed = lora.abstract_params()
+    full_shardings = shd.param_shardings(boxed, mesh, rules)
+    full = jax.device_put(full, full_shardings)
+    params, frozen = lora.split(full)
+    param_shardings, frozen_shardings = lora.split(full_shardings)
     return RunSetup(
         mesh=mesh,
         rules=rules,
-        model=with_special_tokens(model, tokenizer),
+        model=LoraView(lora),
         params=params,
         param_shardings=param_shardings,
         tokenizer=tokenizer,
+        boxed_params=lora.split(boxed)[0],
+        lora=lora,
+        frozen=frozen,
+        frozen_shardings=frozen_shardings,
+        base_name_or_path=config.model.name_or_path,
     )
 
 
@@ -167,7 +300,16 @@ def load_reference(config: ml_collections.ConfigDict, setup: RunSetup, name_or_p
     """Frozen reference params: `name_or_path`'s weights, or a copy of the initial policy.
 
     A copy, not an alias: train steps donate the state, which would free the reference's buffers.
+    With LoRA the reference is the base with adapters off (`setup.reference_model`): its params
+    are the frozen base itself, never donated, so no copy is made.
     """
+    if setup.lora is not None:
+        if name_or_path:
+            raise ValueError(
+                f"a reference checkpoint ({name_or_path}) with model.lora: the LoRA reference is "
+                f"the base with adapters off; leave the reference_name_or_path key empty"
+            )
+        return setup.frozen
     if name_or_path:
         _, params, _ = load_model(
             config.model, setup.mesh, setup.rules, name_or_path=name_or_path, seed=config.seed
