@@ -1312,7 +1312,7 @@ def lora_config_of(args: argparse.Namespace) -> LoraConfig | None:
 def _run_lora_comparison(args: argparse.Namespace) -> int:
     """Full DPO and LoRA-DPO, each in its own process (peak RSS is a process's own) with the same
     steps, then the ratios (LoRA / full) on the LoRA result: `vs_full`."""
-    peak = matmul_peak_gflops(quick=args.quick)
+    peak = args.matmul_peak_gflops or matmul_peak_gflops(quick=args.quick)
     results = []
     for rank in (0, args.lora_rank or LORA_RANK):
         command = [sys.executable, __file__, "--workload", "dpo", "--preset", args.preset]

@@ -7,7 +7,10 @@ of `W/checkpoints` (default: the newest step that verifies; bad ones are reporte
 never modified). The model is rebuilt from the config stored in the checkpoint: a reward run
 (`algorithm=reward`) exports its `*ForSequenceClassification` scalar-head model; PPO exports the
 policy (and, with `--critic_out`, the critic); every other algorithm exports its policy.
-The base model named by `model.name_or_path` (and the tokenizer) must still be readable.
+A LoRA run (`model.lora.rank > 0`) checkpoints its adapters only: the export rebuilds the base
+(quantized as in training for QLoRA), writes the merged model to DIR and the PEFT adapter to
+DIR/adapter. The base model named by `model.name_or_path` (and the tokenizer) must still be
+readable.
 """
 
 from __future__ import annotations
@@ -25,11 +28,19 @@ from absl import app, flags
 from flax.linen import unbox
 
 from jaxalign import checkpoint as ckpt
-from jaxalign.models import Transformer
+from jaxalign.models import Transformer, from_pretrained
+from jaxalign.models.lora import (
+    LoraModel,
+    init_lora,
+    make_lora_model,
+    merge_adapters,
+    save_peft_adapter,
+)
 from jaxalign.trainers.common import exporter
 from jaxalign.trainers.setup import (
     abstract_params,
     load_run_tokenizer,
+    lora_config,
     model_config_for,
     with_special_tokens,
 )
@@ -50,6 +61,23 @@ def _models(config: ml_collections.ConfigDict) -> dict[str, tuple[Transformer, t
     )
     critic = Transformer(model_config_for(config.model, name_or_path=critic_source, head="scalar"))
     return {"policy": (policy, ("policy",)), "critic": (critic, ("critic",))}
+
+
+def _lora_model(config: ml_collections.ConfigDict, model: Transformer) -> LoraModel:
+    return make_lora_model(model, lora_config(config.model))
+
+
+def _merged_lora(config: ml_collections.ConfigDict, model: Transformer, adapters: Any):
+    """`(lora_model, (merged params, adapters, frozen base))`: the base rebuilt as training built
+    it (its HF weights, or the seeded random init; quantized for QLoRA) with `adapters` on it."""
+    if config.model.name_or_path:
+        _, base = from_pretrained(config.model.name_or_path, head=model.config.head)
+    else:
+        base = model.init(jax.random.PRNGKey(config.seed), jax.numpy.zeros((1, 1), "int32"))
+        base = base["params"]
+    lora, full = init_lora(model, base, lora_config(config.model), rng=jax.random.PRNGKey(0))
+    _, frozen = lora.split(full)
+    return lora, (merge_adapters(lora, lora.combine(adapters, frozen)), adapters, frozen)
 
 
 def _nest(path: tuple[str, ...], value: Any) -> Any:
@@ -128,11 +156,13 @@ def export(
             )
         models = {name: models[name] for name in outs}
         abstract = {}
-        for model, path in models.values():
+        for name, (model, path) in models.items():
             # No sharding: the leaves restore as host numpy arrays, no device memory needed.
-            shapes = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unbox(abstract_params(model))
-            )
+            boxed = abstract_params(model)
+            if name == "policy" and config.model.lora.rank:  # the adapters (and a scalar head)
+                lora = _lora_model(config, model)
+                boxed = lora.split(lora.abstract_params())[0]
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unbox(boxed))
             abstract.update(_nest(path, shapes) if path else shapes)
         # step=None: the newest step that verifies and holds finite params.
         restored = checkpointer.restore(step, abstract_state={"params": abstract}, partial=True)
@@ -143,7 +173,17 @@ def export(
         if tokenizer is None:
             tokenizer = load_run_tokenizer(config, model)
         model = with_special_tokens(model, tokenizer)
-        exporter(model, tokenizer)(_get(restored.state["params"], path), outs[name])
+        params = _get(restored.state["params"], path)
+        if name == "policy" and config.model.lora.rank:
+            lora, params = _merged_lora(config, model, params)
+            save_peft_adapter(
+                lora,
+                lora.combine(params[1], params[2]),
+                outs[name] / "adapter",
+                base_model_name_or_path=config.model.name_or_path,
+            )
+            params = params[0]
+        exporter(model, tokenizer, config)(params, outs[name])
         (outs[name] / "jaxalign_export.json").write_text(
             json.dumps(
                 {"workdir": str(Path(workdir).resolve()), "step": restored.step, "model": name},

@@ -117,6 +117,35 @@ def test_grpo_compare_trl_keeps_stdout_to_the_json_line():
     )
 
 
+def test_lora_dpo_against_full_dpo_in_two_processes():
+    """`--lora`: full DPO, then LoRA-DPO (adapters only train, the reference is the base)."""
+    full, lora = run_bench(
+        *("--lora", "--preset", "tiny", "--quick", "--json", "--lora-rank", "4"),
+        *("--steps", "1", "--warmup", "0", "--matmul-peak-gflops", "100"),
+    )
+    check_contract(full, "dpo")
+    check_contract(lora, "dpo")
+    assert "lora_rank" not in full and (lora["lora_rank"], lora["lora_quantization"]) == (4, "none")
+    assert lora["tokens_per_step"] == full["tokens_per_step"]
+    config = ModelConfig(**tiny_model_init().to_dict())
+    # r·(in + out) for q, k, v, o, gate, up, down: 4·(2·(64+64) + 2·(64+32) + 3·(64+128)) per layer
+    assert lora["trainable_params"] == config.num_layers * 4 * (256 + 192 + 576)
+    assert lora["step_memory_mb"] < full["step_memory_mb"]
+    assert lora["vs_full"]["tokens_per_s"] == pytest.approx(
+        lora["tokens_per_s"] / full["tokens_per_s"]
+    )
+    assert lora["vs_full"]["peak_rss_mb"] == pytest.approx(
+        lora["peak_rss_mb"] / full["peak_rss_mb"]
+    )
+
+
+def test_lora_flags_apply_to_dpo_alone():
+    with pytest.raises(SystemExit):
+        bench.main(["--workload", "sft", "--lora"])
+    with pytest.raises(SystemExit):
+        bench.main(["--lora-quantization", "nf4"])  # QLoRA needs adapters
+
+
 def test_grpo_reward_has_trls_signature():
     scores = bench.grpo_reward(
         prompts=["a", "b"], completions=["x", "y"], completion_ids=[[2, 3], [4]], answer=[1, 2]
