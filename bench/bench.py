@@ -7,6 +7,11 @@ iteration (rollout + update) on this machine.
     python bench/bench.py --workload dpo --preset trl-tiny --compare-torch   # + PyTorch / TRL
     python bench/bench.py --workload grpo --preset trl-tiny --compare-torch  # + TRL GRPOTrainer
     python bench/bench.py --workload sft --preset tiny --quick --json    # CI smoke (seconds)
+    python bench/bench.py --lora [--json] [--lora-quantization nf4]      # LoRA-DPO vs full DPO
+
+`--lora` runs full DPO and LoRA-DPO (`build_lora_dpo_step`: adapters alone train, the reference is
+the base with adapters off) each in its own process on preset `lora-mid`, and adds `vs_full` (LoRA /
+full ratios of tokens/s, peak RSS, XLA step memory) to the LoRA line; bench/README.md has the rest.
 
 Each workload builds the library's own step (`make_train_step` + `jit_train_step`, or `generate`)
 on random tokens (numpy seed 0), compiles it once ahead of time, runs `--warmup` steps and then

@@ -198,3 +198,18 @@ def test_export_cli_rebuilds_the_lora_model_from_its_adapter_checkpoint(lora_run
             # A random-init base is re-initialised unsharded here: last-bit differences from
             # the sharded init (an HF base loads the same bytes and exports exactly).
             np.testing.assert_allclose(actual[key], expected[key], atol=1e-7, rtol=1e-6)
+
+
+def test_qlora_dpo_trains_adapters_on_an_nf4_base(tiny_data_dir, tmp_path):
+    """QLoRA: the frozen base is stored NF4 (checkpoints and optimizer hold only adapters); the
+    reference is that same quantized base, so the first loss is still exactly log 2."""
+    config_file, settings = _settings("dpo")
+    settings = {**settings, "train.num_steps": 2, "model.lora.quantization": "nf4"}
+    result = run(tiny_config(config_file, tiny_data_dir, settings), tmp_path)
+    assert _losses(tmp_path)[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(
+        "lora" in jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(result.state.params)[0]
+    )
+    merged = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(t.dtype == np.float32 and np.isfinite(t).all() for t in merged.values())
