@@ -28,6 +28,9 @@ DEFAULT_LOGICAL_RULES = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    # Mixture-of-experts kernels [X, E, F]: experts whole by default (embed/mlp shard them);
+    # put e.g. ("expert", "fsdp") first for expert parallelism.
+    ("expert", None),
 )
 
 

@@ -132,6 +132,129 @@ _GPT2_LARGE = dict(
     bos_token_id=50256,
     eos_token_id=50256,
 )
+_GEMMA2_2B = dict(
+    model_type="gemma2",
+    architectures=["Gemma2ForCausalLM"],
+    vocab_size=256000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    attention_bias=False,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+    tie_word_embeddings=True,
+)
+_GEMMA2_9B = {
+    **_GEMMA2_2B,
+    "hidden_size": 3584,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 42,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+}
+_GEMMA3_1B = dict(
+    model_type="gemma3_text",
+    architectures=["Gemma3ForCausalLM"],
+    vocab_size=262144,
+    hidden_size=1152,
+    intermediate_size=6912,
+    num_hidden_layers=26,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    rope_local_base_freq=10000.0,
+    rope_scaling=None,
+    query_pre_attn_scalar=256,
+    sliding_window=512,
+    sliding_window_pattern=6,
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    bos_token_id=2,
+    eos_token_id=[1, 106],
+    pad_token_id=0,
+)
+
+
+def _gemma3_multimodal(**text: object) -> dict:
+    """A `Gemma3ForConditionalGeneration` config.json: its `text_config` lists only these fields
+    (the rest are `Gemma3TextConfig` defaults); jaxalign reads the text tower."""
+    return dict(
+        model_type="gemma3",
+        architectures=["Gemma3ForConditionalGeneration"],
+        eos_token_id=[1, 106],
+        text_config=dict(
+            model_type="gemma3_text",
+            rope_scaling={"factor": 8.0, "rope_type": "linear"},
+            sliding_window=1024,
+            **text,
+        ),
+    )
+
+
+_QWEN3_30B_A3B = dict(
+    model_type="qwen3_moe",
+    architectures=["Qwen3MoeForCausalLM"],
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    router_aux_loss_coef=0.001,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    hidden_act="silu",
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    attention_bias=False,
+    use_sliding_window=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    tie_word_embeddings=False,
+)
+_MIXTRAL_8X7B = dict(
+    model_type="mixtral",
+    architectures=["MixtralForCausalLM"],
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    router_aux_loss_coef=0.02,
+    hidden_act="silu",
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+    rope_theta=1_000_000.0,
+    sliding_window=None,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
 # The `config.json` fields (those `from_hf_config` reads) of the hub models the recipes name,
 # copied from the published files. Fine-tunes share their base model's architecture.
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
@@ -154,6 +277,29 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
     },
     "gpt2-large": _GPT2_LARGE,
     "openai-community/gpt2-large": _GPT2_LARGE,
+    # Gemma 3 4B/12B are multimodal checkpoints: their counts are the text tower's (what jaxalign
+    # loads and trains), 3.88B and 11.77B, not the 4.30B / 12.19B that include the vision tower.
+    "google/gemma-2-2b": _GEMMA2_2B,
+    "google/gemma-2-2b-it": _GEMMA2_2B,
+    "google/gemma-2-9b": _GEMMA2_9B,
+    "google/gemma-2-9b-it": _GEMMA2_9B,
+    "google/gemma-3-1b-pt": _GEMMA3_1B,
+    "google/gemma-3-1b-it": _GEMMA3_1B,
+    "google/gemma-3-4b-pt": _gemma3_multimodal(
+        hidden_size=2560, intermediate_size=10240, num_hidden_layers=34
+    ),
+    "google/gemma-3-4b-it": _gemma3_multimodal(
+        hidden_size=2560, intermediate_size=10240, num_hidden_layers=34
+    ),
+    "google/gemma-3-12b-it": _gemma3_multimodal(
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+    ),
+    "Qwen/Qwen3-30B-A3B": _QWEN3_30B_A3B,
+    "mistralai/Mixtral-8x7B-v0.1": _MIXTRAL_8X7B,
 }
 
 
@@ -303,7 +449,8 @@ def activation_bytes(
     n = rows * seq_len
     chunk = min(chunk_size or seq_len, seq_len)
     head = rows * chunk * (c.vocab_size / tensor) * 4 * 3 if c.head == "lm" else n * 4
-    layer_params = (c.num_params() - c.replace(num_layers=0).num_params()) / max(c.num_layers, 1)
+    embeddings_only = c.replace(num_layers=0, layer_types=None)  # per-layer types need layers
+    layer_params = (c.num_params() - embeddings_only.num_params()) / max(c.num_layers, 1)
     gather = 2 * max(layer_params, c.vocab_size * c.hidden_size) * b / tensor
     kept = c.num_layers * kept_layer + rows * seq_len**2 + 2 * n * b * c.hidden_size
     transient = max(head, working) + gather

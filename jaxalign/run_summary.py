@@ -1,7 +1,7 @@
 """What a training run tells its user: the start-up summary, and how long JAX spent compiling.
 
 jaxalign dpo: 8 cpu devices (1 process); mesh data=8 fsdp=1 tensor=1
-  parameters: 3.28M trained; frozen (reference): 3.28M
+  parameters: 3.28M trained; frozen (base, reference): 3.28M
   data.train: 600 rows (preference 600) -> 580 examples; dropped: identical_responses 20; ...
   run: 60 steps = 1.7 epochs of 36 steps; batch 16 (16 per microbatch, 2 per device); ...
   outputs: /tmp/dpo: metrics.jsonl, tensorboard/, checkpoints/, hf/ (Hugging Face model)
@@ -99,7 +99,9 @@ def startup_summary(
     trained = count_params(params)
     line = f"parameters: {_millions(trained)} trained"
     if frozen is not None:
-        line += f"; frozen (reference): {_millions(count_params(frozen))}"
+        # LoRA passes (base, reference) where the reference *is* the base: count arrays once.
+        unique = {id(x): x for x in jax.tree.leaves(frozen)}
+        line += f"; frozen (base, reference): {_millions(count_params(list(unique.values())))}"
     lines.append(line)
 
     examples = getattr(train_iterator, "examples", None)

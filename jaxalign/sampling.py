@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models import KVCache, init_cache, sequence_token_logprobs
+from jaxalign.models.transformer import softcap
 
 Array = jax.Array
 
@@ -230,6 +231,7 @@ def _decode(
         output_embedding.astype(hidden.dtype),
         preferred_element_type=jnp.float32,
     )
+    last_logits = softcap(last_logits, model.config.final_logit_softcap)
     if shared:
         cache = _repeat_cache(cache, num_generations, max_length)
         last_logits = jnp.repeat(last_logits, num_generations, axis=0)

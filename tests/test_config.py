@@ -131,7 +131,7 @@ def _config(**changes) -> ml_collections.ConfigDict:
         (
             dict(train__batch_size=16, optimizer__grad_accum_steps=4),
             8,
-            r"train\.batch_size: 16 \(/4",
+            r"train\.batch_size: 16 rows \(/4",
         ),
         (dict(mesh__shape=(3, 1, 1)), 8, r"mesh\.shape: \(3, 1, 1\) needs 3 devices but 8"),
         (dict(mesh__shape=(-1, 3, 1)), 8, r"mesh\.shape: .*cannot fill 8 devices"),

@@ -166,5 +166,7 @@ def test_read_prompts_names_the_bad_row(tmp_path):
         with pytest.raises(DataError, match=rf"^{path}{pattern}"):
             read_prompts(path)
     (tmp_path / "p.txt").write_text('{"prompt": "a"}\n')
-    with pytest.raises(DataError, match=r"p\.txt: expected a \.jsonl/\.json/\.parquet file"):
+    with pytest.raises(
+        DataError, match=r"p\.txt: expected a \.jsonl/\.json/\.parquet/\.csv/.* file"
+    ):
         read_prompts(tmp_path / "p.txt")

@@ -33,6 +33,18 @@ PUBLISHED_SIZES = {
     "Qwen/Qwen2.5-7B": 7_615_616_512,
     "gpt2-large": 774_030_080,
     "openai-community/gpt2-large": 774_030_080,
+    # `sum(p.numel())` of the transformers model built on the meta device from each config.
+    "google/gemma-2-2b": 2_614_341_888,
+    "google/gemma-2-2b-it": 2_614_341_888,
+    "google/gemma-2-9b": 9_241_705_984,
+    "google/gemma-2-9b-it": 9_241_705_984,
+    "google/gemma-3-1b-pt": 999_885_952,
+    "google/gemma-3-1b-it": 999_885_952,
+    "google/gemma-3-4b-pt": 3_880_263_168,  # text tower (with vision: 4_300_079_472)
+    "google/gemma-3-4b-it": 3_880_263_168,
+    "google/gemma-3-12b-it": 11_766_034_176,  # text tower (with vision: 12_187_325_040)
+    "Qwen/Qwen3-30B-A3B": 30_532_122_624,
+    "mistralai/Mixtral-8x7B-v0.1": 46_702_792_704,
 }
 
 # (config file, config argument, device memory in GiB of the hardware it was sized for)

@@ -76,7 +76,7 @@ def test_ppo_raises_programmatic_reward_and_large_beta_holds_kl(
         "objective/entropy",
         "objective/kl_coef",
         "response_length",
-        "rollout_tokens_per_s",
+        "rollout_tokens_per_sec",
     ):
         assert key in history[-1], key
 

@@ -83,3 +83,28 @@ def load_hf(out_dir: Path, head: str = "lm"):
     )
     model = cls.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
+
+
+def save_random_hf_model(
+    config: transformers.PretrainedConfig,
+    out_dir: Path,
+    *,
+    head: str = "lm",
+    seed: int = 0,
+    model_class: type | None = None,
+) -> Path:
+    """`make_tiny_hf_model` for a config built by the caller (the newer families' tests)."""
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    if model_class is not None:
+        model = model_class(config)
+    elif head == "scalar":
+        config.num_labels = 1
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(out_dir)
+    return Path(out_dir)

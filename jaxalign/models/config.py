@@ -9,7 +9,19 @@ Every architecture jaxalign supports is the same pre-norm decoder with switches:
 | Qwen2ForCausalLM    | RMS             | gated silu  | RoPE      | q,k,v    | no      | no          |
 | Qwen3ForCausalLM    | RMS             | gated silu  | RoPE      | opt.     | q,k RMS | no          |
 | GemmaForCausalLM    | RMS (1 + w)     | gated gelu  | RoPE      | opt.     | no      | sqrt(d)     |
+| Gemma2ForCausalLM   | RMS (1 + w) ×2  | gated gelu  | RoPE (+SW)| opt.     | no      | sqrt(d)     |
+| Gemma3ForCausalLM   | RMS (1 + w) ×2  | gated gelu  | RoPE ×2   | opt.     | q,k RMS | sqrt(d)     |
+| Qwen3MoeForCausalLM | RMS             | top-k MoE   | RoPE      | opt.     | q,k RMS | no          |
+| MixtralForCausalLM  | RMS             | top-k MoE   | RoPE (+SW)| no       | no      | no          |
 | GPT2LMHeadModel     | LayerNorm       | plain gelu  | learned   | all      | no      | no          |
+
+Gemma 2 and 3 add: norms after attention and after the MLP too (`post_norms`), per-layer
+`layer_types` (sliding-window or global attention), attention scale 1/√`query_pre_attn_scalar`,
+tanh soft-capping of attention logits and final logits (Gemma 2), and (Gemma 3) a second RoPE
+base for the sliding layers (`local_rope_theta`) while `rope_scaling` applies to the global ones.
+Mixture-of-experts layers (`num_experts > 0`) replace every MLP; see `jaxalign.models.moe`.
+A `Gemma3ForConditionalGeneration` checkpoint (`model_type: gemma3`) loads as its text tower
+(`gemma3_text`); the vision tower is not read.
 """
 
 from __future__ import annotations
@@ -19,7 +31,22 @@ import logging
 import math
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "qwen3_moe",
+    "mixtral",
+    "gpt2",
+)
+# HF `model_type`s read as another: a multimodal Gemma 3 checkpoint is read as its text tower.
+_HF_MODEL_TYPE_ALIASES = {"gemma3": "gemma3_text"}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+_GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 HEAD_TYPES = ("lm", "scalar")
 
@@ -56,10 +83,24 @@ class ModelConfig:
     o_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    # Per layer "full_attention" | "sliding_attention" (Gemma 2/3); None: every layer is the
+    # same, windowed by `sliding_window` if set (Mistral). With it, only sliding layers are.
+    layer_types: tuple[str, ...] | None = None
+    query_pre_attn_scalar: float | None = None  # logits scale 1/sqrt(this); None: 1/sqrt(D)
+    attn_logit_softcap: float | None = None  # cap·tanh(logits / cap) before the mask (Gemma 2)
+    final_logit_softcap: float | None = None  # the same on the LM head's logits (Gemma 2)
+    post_norms: bool = False  # Gemma 2/3: norm the attention and MLP outputs before the residual
+    # Mixture of experts (every layer's MLP; 0 = dense): see jaxalign.models.moe.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 0  # each expert's F
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in every trainer's loss
     # Positions.
     position_embedding: str = "rope"  # "rope" | "learned"
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted (key, value) pairs
+    local_rope_theta: float | None = None  # Gemma 3: unscaled RoPE base of sliding layers
     # Embeddings.
     tie_word_embeddings: bool = False
     scale_embeddings: bool = False  # Gemma: x * sqrt(hidden_size)
@@ -92,6 +133,23 @@ class ModelConfig:
             raise ValueError(f"head={self.head!r}; allowed: {HEAD_TYPES}")
         if self.attention_impl not in ("xla", "cudnn"):
             raise ValueError(f"attention_impl={self.attention_impl!r}; allowed: xla, cudnn")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(
+                    f"layer_types={self.layer_types} needs {self.num_layers} entries of "
+                    f"{LAYER_TYPES}"
+                )
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding_attention layers but no sliding_window")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                f"{self.num_experts}]"
+            )
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ValueError("a mixture-of-experts config needs moe_intermediate_size > 0")
+        if self.attn_logit_softcap and self.attention_impl == "cudnn":
+            raise ValueError("attention_impl='cudnn' has no attention-logit soft-capping")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -99,6 +157,11 @@ class ModelConfig:
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def mixed_attention(self) -> bool:
+        """Whether layers differ in attention (Gemma 2/3: sliding and global layers)."""
+        return self.layer_types is not None
 
     @property
     def rope_attention_factor(self) -> float:
@@ -126,7 +189,9 @@ class ModelConfig:
         mlp = (3 if self.mlp_type == "gated" else 2) * e * f
         if self.mlp_bias:
             mlp += (2 * f if self.mlp_type == "gated" else f) + e
-        per_layer = attn + mlp + 2 * norm
+        if self.num_experts:  # router [E, X] + X experts of gate, up [E, F] and down [F, E]
+            mlp = e * self.num_experts + self.num_experts * 3 * e * self.moe_intermediate_size
+        per_layer = attn + mlp + (4 if self.post_norms else 2) * norm
         total = self.num_layers * per_layer + self.vocab_size * e + norm
         if self.position_embedding == "learned":
             total += self.max_position_embeddings * e
@@ -244,15 +309,21 @@ def _yarn_from_hf(
 
 
 def _check_unsupported(hf: dict[str, Any], model_type: str) -> None:
+    softcapping = model_type == "gemma2" or model_type == "gemma3_text"
     checks = {
-        "use_sliding_window": (lambda v: bool(v) and model_type in ("qwen2", "qwen3")),
+        "use_sliding_window": (lambda v: bool(v) and model_type in ("qwen2", "qwen3", "qwen3_moe")),
         "scale_attn_by_inverse_layer_idx": bool,
         "add_cross_attention": bool,
-        "attn_logit_softcapping": (lambda v: v is not None),
-        "final_logit_softcapping": (lambda v: v is not None),
+        "attn_logit_softcapping": (lambda v: v is not None and not softcapping),
+        "final_logit_softcapping": (lambda v: v is not None and not softcapping),
         "use_bidirectional_attention": bool,
         "partial_rotary_factor": (lambda v: v is not None and v != 1.0),
         "pretraining_tp": (lambda v: v not in (None, 1)),
+        # Qwen3-MoE: dense MLPs in some layers; Mixtral: training-time multiplicative noise.
+        "mlp_only_layers": bool,
+        "decoder_sparse_step": (lambda v: v not in (None, 1)),
+        "router_jitter_noise": bool,
+        "shared_expert_intermediate_size": bool,
     }
     for option, is_unsupported in checks.items():
         if option in hf and is_unsupported(hf[option]):
@@ -264,9 +335,125 @@ def _check_unsupported(hf: dict[str, Any], model_type: str) -> None:
         raise UnsupportedConfigError(f"config option hidden_act={activation!r} is not supported")
 
 
+# `transformers`' config defaults for the fields a published Gemma `config.json` may omit (the
+# multimodal Gemma 3 checkpoints list only a few fields of their `text_config`).
+_GEMMA_COMMON_DEFAULTS = dict(
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    rms_norm_eps=1e-6,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+)
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": dict(
+        _GEMMA_COMMON_DEFAULTS,
+        vocab_size=256000,
+        max_position_embeddings=8192,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+    ),
+    "gemma3_text": dict(
+        _GEMMA_COMMON_DEFAULTS,
+        vocab_size=262208,
+        max_position_embeddings=131072,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+    ),
+}
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _text_tower(hf: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal Gemma 3 config's `text_config`, with the top level's token ids and head."""
+    text = dict(hf.get("text_config") or {})
+    text["model_type"] = _HF_MODEL_TYPE_ALIASES[hf["model_type"]]
+    text.update({k: hf[k] for k in _TOKEN_ID_KEYS if hf.get(k) is not None})
+    text["architectures"] = hf.get("architectures")
+    return text
+
+
+def _layer_types(hf: dict[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
+    """`layer_types` as given, else `transformers`' default: Gemma 2 alternates sliding and global
+    (layer 0 sliding); Gemma 3 has one global layer per `sliding_window_pattern` (6)."""
+    if hf.get("layer_types"):
+        return tuple(hf["layer_types"])
+    pattern = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
+    return tuple(
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
+    )
+
+
+def _gemma3_rope(hf: dict[str, Any]) -> tuple[float, Any, float]:
+    """`(global theta, global scaling, local theta)` of Gemma 3, from either config layout:
+    `rope_parameters: {full_attention: {...}, sliding_attention: {...}}` (transformers 5), or
+    `rope_theta` + `rope_scaling` (global layers) + `rope_local_base_freq` (sliding layers)."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params:
+        global_hf = {**hf, "rope_parameters": params["full_attention"], "rope_scaling": None}
+        local = dict(params.get("sliding_attention") or {})
+        local_theta = float(local.get("rope_theta", 10000.0))
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedConfigError(
+                f"Gemma 3 sliding-layer rope_type={local['rope_type']!r} is not supported"
+            )
+    else:
+        global_hf = {**hf, "rope_theta": hf.get("rope_theta") or 1_000_000.0}
+        local_theta = float(hf.get("rope_local_base_freq") or 10000.0)
+    theta, scaling = _rope_from_hf(global_hf)
+    return theta, scaling, local_theta
+
+
+def _family_fields(hf: dict[str, Any], model_type: str, num_layers: int) -> dict[str, Any]:
+    """The `ModelConfig` fields of Gemma 2/3 and the mixture-of-experts families."""
+    if model_type in ("gemma2", "gemma3_text"):
+        fields: dict[str, Any] = dict(
+            post_norms=True,
+            layer_types=_layer_types(hf, model_type, num_layers),
+            sliding_window=int(hf["sliding_window"]),
+            query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
+            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            final_logit_softcap=hf.get("final_logit_softcapping"),
+        )
+        if model_type == "gemma3_text":
+            theta, scaling, local_theta = _gemma3_rope(hf)
+            fields.update(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta)
+        return fields
+    if model_type == "qwen3_moe":
+        return dict(
+            num_experts=int(_get(hf, "num_experts", "num_local_experts")),
+            num_experts_per_tok=int(hf.get("num_experts_per_tok", 8)),
+            moe_intermediate_size=int(hf["moe_intermediate_size"]),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        )
+    if model_type == "mixtral":
+        return dict(
+            num_experts=int(hf.get("num_local_experts", 8)),
+            num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+            moe_intermediate_size=int(hf["intermediate_size"]),
+            norm_topk_prob=True,  # Mixtral always renormalises its top-k
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        )
+    return {}
+
+
 def from_hf_config(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """Builds a `ModelConfig` from a Hugging Face `config.json` dict."""
+    if hf.get("model_type") in _HF_MODEL_TYPE_ALIASES:
+        hf = _text_tower(hf)
     model_type = hf.get("model_type")
+    if model_type in _HF_DEFAULTS:
+        hf = {**_HF_DEFAULTS[model_type], **hf}
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedConfigError(
             f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -310,8 +497,9 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     else:
         hidden = int(hf["hidden_size"])
         heads = int(hf["num_attention_heads"])
-        theta, scaling = _rope_from_hf(hf)
+        theta, scaling = _rope_from_hf(hf) if model_type != "gemma3_text" else (0.0, None)
         bias = bool(hf.get("attention_bias", False))
+        gemma = model_type in _GEMMA_FAMILY
         activation = _get(hf, "hidden_activation", "hidden_act", default="silu")
         cfg = dict(
             hidden_size=hidden,
@@ -322,18 +510,21 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
             head_dim=int(hf.get("head_dim") or hidden // heads),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            norm_scale_offset=1.0 if model_type == "gemma" else 0.0,
+            norm_scale_offset=1.0 if gemma else 0.0,
             activation="silu" if activation == "silu" else "gelu_tanh",
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qkv_bias=True if model_type == "qwen2" else bias,
             o_bias=bias if model_type != "qwen2" else False,
-            qk_norm=model_type == "qwen3",
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            sliding_window=hf.get("sliding_window")
+            if model_type in ("mistral", "mixtral")
+            else None,
             rope_theta=theta,
             rope_scaling=scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
-            scale_embeddings=model_type == "gemma",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            scale_embeddings=gemma,
         )
+        cfg.update(_family_fields(hf, model_type, cfg["num_layers"]))
     return ModelConfig(**{**common, **cfg, **overrides})
 
 
@@ -343,6 +534,10 @@ _HF_CLASS_PREFIX = {
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
     "gemma": "Gemma",
+    "gemma2": "Gemma2",
+    "gemma3_text": "Gemma3",
+    "qwen3_moe": "Qwen3Moe",
+    "mixtral": "Mixtral",
     "gpt2": "GPT2",
 }
 
@@ -350,6 +545,8 @@ _HF_CLASS_PREFIX = {
 def hf_architecture(config: ModelConfig) -> str:
     prefix = _HF_CLASS_PREFIX[config.model_type]
     if config.head == "scalar":
+        if config.model_type == "gemma3_text":
+            return "Gemma3TextForSequenceClassification"
         return f"{prefix}ForSequenceClassification"
     return f"{prefix}LMHeadModel" if config.model_type == "gpt2" else f"{prefix}ForCausalLM"
 
@@ -408,9 +605,40 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         hf["hidden_activation"] = hf["hidden_act"]
     if c.model_type == "mistral":
         hf["sliding_window"] = c.sliding_window
-    if c.model_type in ("qwen2", "qwen3"):
+    if c.model_type in ("qwen2", "qwen3", "qwen3_moe"):
         hf["use_sliding_window"] = False
         hf["sliding_window"] = None
+    if c.model_type in ("gemma2", "gemma3_text"):
+        hf.update(
+            hidden_activation=hf["hidden_act"],
+            layer_types=list(c.layer_types),
+            sliding_window=c.sliding_window,
+            query_pre_attn_scalar=int(c.query_pre_attn_scalar),  # transformers wants an int
+            attn_logit_softcapping=c.attn_logit_softcap,
+            final_logit_softcapping=c.final_logit_softcap,
+        )
+    if c.model_type == "gemma3_text":
+        hf["rope_parameters"] = {
+            "full_attention": rope_parameters,
+            "sliding_attention": {"rope_type": "default", "rope_theta": c.local_rope_theta},
+        }
+        hf.pop("rope_theta")
+    if c.num_experts:
+        hf.update(
+            num_experts_per_tok=c.num_experts_per_tok,
+            router_aux_loss_coef=c.router_aux_loss_coef,
+            output_router_logits=False,
+        )
+    if c.model_type == "qwen3_moe":
+        hf.update(
+            num_experts=c.num_experts,
+            moe_intermediate_size=c.moe_intermediate_size,
+            norm_topk_prob=c.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    if c.model_type == "mixtral":
+        hf.update(num_local_experts=c.num_experts, sliding_window=c.sliding_window)
     return hf
 
 

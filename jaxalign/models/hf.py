@@ -76,6 +76,33 @@ def _reshaped(name: str, path: FlaxPath, shape: tuple[int, ...]) -> TensorMap:
     return TensorMap((name,), (path,), lambda w: (w.reshape(shape),), lambda b: (b.reshape(-1),))
 
 
+def _experts(names: list[str], path: FlaxPath) -> TensorMap:
+    """X per-expert torch Linear weights `[out, in]` <-> one stacked Flax kernel `[X, in, out]`."""
+    return TensorMap(
+        tuple(names),
+        (path,),
+        lambda *ws: (np.stack([w.T for w in ws]),),
+        lambda k: tuple(np.asarray(k[i]).T for i in range(k.shape[0])),
+    )
+
+
+def _moe_maps(c: ModelConfig, hf: str, fx: str) -> list[TensorMap]:
+    """Router and experts: Qwen3-MoE's `mlp.experts.i.{gate,up,down}_proj`, Mixtral's
+    `block_sparse_moe.experts.i.{w1,w3,w2}` (gate, up, down)."""
+    if c.model_type == "mixtral":
+        block, names = f"{hf}.block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}
+    else:
+        block, names = f"{hf}.mlp", {n: f"{n}_proj" for n in ("gate", "up", "down")}
+    experts = range(c.num_experts)
+    return [
+        _linear(f"{block}.gate.weight", (fx, "moe", "router", "kernel"), (c.num_experts,)),
+        *(
+            _experts([f"{block}.experts.{i}.{hf_name}.weight" for i in experts], (fx, "moe", name))
+            for name, hf_name in names.items()
+        ),
+    ]
+
+
 def _llama_layer_maps(c: ModelConfig, hf: str, fx: str) -> list[TensorMap]:
     h, k, d = c.num_heads, c.num_kv_heads, c.head_dim
     maps = [
@@ -85,12 +112,21 @@ def _llama_layer_maps(c: ModelConfig, hf: str, fx: str) -> list[TensorMap]:
         _linear(f"{hf}.self_attn.k_proj.weight", (fx, "attn", "k", "kernel"), (k, d)),
         _linear(f"{hf}.self_attn.v_proj.weight", (fx, "attn", "v", "kernel"), (k, d)),
         _linear_in(f"{hf}.self_attn.o_proj.weight", (fx, "attn", "o", "kernel"), (h, d)),
-        _linear(
-            f"{hf}.mlp.gate_proj.weight", (fx, "mlp", "gate", "kernel"), (c.intermediate_size,)
-        ),
-        _linear(f"{hf}.mlp.up_proj.weight", (fx, "mlp", "up", "kernel"), (c.intermediate_size,)),
-        _linear(f"{hf}.mlp.down_proj.weight", (fx, "mlp", "down", "kernel"), (c.hidden_size,)),
     ]
+    if c.num_experts:
+        maps += _moe_maps(c, hf, fx)
+    else:
+        f = c.intermediate_size
+        maps += [
+            _linear(f"{hf}.mlp.gate_proj.weight", (fx, "mlp", "gate", "kernel"), (f,)),
+            _linear(f"{hf}.mlp.up_proj.weight", (fx, "mlp", "up", "kernel"), (f,)),
+            _linear(f"{hf}.mlp.down_proj.weight", (fx, "mlp", "down", "kernel"), (c.hidden_size,)),
+        ]
+    if c.post_norms:  # Gemma 2/3 (their post_attention_layernorm norms the attention output)
+        maps += [
+            _same(f"{hf}.pre_feedforward_layernorm.weight", (fx, "pre_mlp_norm", "scale")),
+            _same(f"{hf}.post_feedforward_layernorm.weight", (fx, "post_mlp_norm", "scale")),
+        ]
     if c.qkv_bias:
         maps += [
             _reshaped(f"{hf}.self_attn.q_proj.bias", (fx, "attn", "q", "bias"), (h, d)),
@@ -256,12 +292,14 @@ def open_safetensors(file: Path) -> Any:
 class _TensorReader:
     """Opens each safetensors file once and reads tensors lazily (memory-mapped)."""
 
-    def __init__(self, files: dict[str, Path]):
+    def __init__(self, files: dict[str, Path], stored_names: dict[str, str] | None = None):
         self.files = files
+        self.stored_names = stored_names or {}  # name read -> name in the file, where they differ
         self._handles: dict[Path, Any] = {}
 
     def read(self, name: str) -> np.ndarray:
         file = self.files[name]
+        name = self.stored_names.get(name, name)
         if file not in self._handles:
             if not file.is_file():
                 raise CheckpointError(f"{file} (listed in the index for {name}) does not exist")
@@ -270,6 +308,34 @@ class _TensorReader:
             return self._handles[file].get_tensor(name)
         except (SafetensorError, OSError, TypeError) as e:  # TypeError: a dtype numpy lacks
             raise CheckpointError(f"{file}: cannot read tensor {name}: {e}") from e
+
+
+# A multimodal Gemma 3 checkpoint's text tower, saved by transformers < 5 or >= 5.
+_TEXT_TOWER_PREFIXES = {
+    "language_model.model.": "model.",
+    "model.language_model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.")
+_VISION_PREFIXES += ("model.multi_modal_projector.",)
+
+
+def _text_tower_names(files: dict[str, Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """The text tower's tensors of a `Gemma3ForConditionalGeneration` checkpoint under the
+    `Gemma3ForCausalLM` names, and each new name's stored name; the vision tower and projector
+    are left out."""
+    renamed, stored_names = {}, {}
+    for stored, file in files.items():
+        if stored.startswith(_VISION_PREFIXES):
+            continue
+        name = stored
+        for prefix, replacement in _TEXT_TOWER_PREFIXES.items():
+            if stored.startswith(prefix):
+                name = replacement + stored[len(prefix) :]
+                stored_names[name] = stored
+                break
+        renamed[name] = file
+    return renamed, stored_names
 
 
 def _strip_prefix_aliases(files: dict[str, Path], expected: set[str]) -> dict[str, Path]:
@@ -350,7 +416,10 @@ def from_pretrained(
         maps += tensor_maps(config)[len(maps) :]
 
     wanted = {n for m in maps for n in m.hf_names}
-    files = _strip_prefix_aliases(weight_files(directory), wanted)
+    source_files, stored_names = weight_files(directory), {}
+    if hf_config.get("model_type") == "gemma3":  # multimodal: read the text tower
+        source_files, stored_names = _text_tower_names(source_files)
+    files = _strip_prefix_aliases(source_files, wanted)
     missing = sorted(wanted - files.keys())
     if missing:
         raise CheckpointError(
@@ -367,7 +436,7 @@ def from_pretrained(
             f"{directory}: unexpected tensors {unexpected[:5]} (does config.json match the weights?)"
         )
 
-    reader = _TensorReader(files)
+    reader = _TensorReader(files, stored_names)
     param_dtype = jnp.dtype(config.param_dtype)
     params: Params = {}
     layer_slices: dict[FlaxPath, list[Any]] = {}

@@ -12,11 +12,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxalign.models.moe import RouterStats
+from jaxalign.models.transformer import softcap
+
 Array = jax.Array
 
 
 def _chunk_stats(
-    hidden: Array, output_embedding: Array, targets: Array, temperature: float, with_entropy: bool
+    hidden: Array,
+    output_embedding: Array,
+    targets: Array,
+    temperature: float,
+    with_entropy: bool,
+    logit_softcap: float | None = None,
 ) -> tuple[Array, Array | None]:
     batch, chunk, embed = hidden.shape
     logits = jnp.dot(  # as a 2-D matmul, which XLA:CPU runs faster than the [B, C, E] einsum
@@ -24,7 +32,7 @@ def _chunk_stats(
         output_embedding.astype(hidden.dtype),
         preferred_element_type=jnp.float32,
     ).reshape(batch, chunk, -1)
-    logits = logits / temperature
+    logits = softcap(logits, logit_softcap) / temperature
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     if not with_entropy:
@@ -42,6 +50,7 @@ def token_logprobs_from_hidden(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_entropy: bool = True,
+    logit_softcap: float | None = None,
 ) -> tuple[Array, Array | None]:
     """log π(targets | hidden) and the entropy of π at each position.
 
@@ -49,14 +58,17 @@ def token_logprobs_from_hidden(
       hidden: final hidden states `[B, T, E]` that predict `targets [B, T]`.
       output_embedding: `[E, V]`.
       chunk_size: tokens per chunk along T (None: one chunk).
+      logit_softcap: the model's `final_logit_softcap` (Gemma 2), applied before the temperature.
     Returns:
       `(logprobs [B, T], entropy [B, T])`, both float32; logits are divided by `temperature`.
       `entropy` is None when `with_entropy=False` (it costs a full-vocabulary pass).
     """
     batch, seq_len, _ = hidden.shape
     if chunk_size is None or chunk_size >= seq_len:
-        return _chunk_stats(hidden, output_embedding, targets, temperature, with_entropy)
-    stats = jax.checkpoint(_chunk_stats, static_argnums=(3, 4))
+        return _chunk_stats(
+            hidden, output_embedding, targets, temperature, with_entropy, logit_softcap
+        )
+    stats = jax.checkpoint(_chunk_stats, static_argnums=(3, 4, 5))
     num_chunks = -(-seq_len // chunk_size)
     pad = num_chunks * chunk_size - seq_len
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -64,7 +76,7 @@ def token_logprobs_from_hidden(
     hidden_chunks = hidden.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
     target_chunks = targets.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
     logprobs, entropy = jax.lax.map(
-        lambda xs: stats(xs[0], output_embedding, xs[1], temperature, with_entropy),
+        lambda xs: stats(xs[0], output_embedding, xs[1], temperature, with_entropy, logit_softcap),
         (hidden_chunks, target_chunks),
     )
     unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :seq_len]  # noqa: E731
@@ -82,7 +94,8 @@ def sequence_token_logprobs(
     chunk_size: int | None = None,
     with_entropy: bool = True,
     branch_ids: Array | None = None,
-) -> tuple[Array, Array | None]:
+    return_router_stats: bool = False,
+) -> tuple[Array, Array | None] | tuple[Array, Array | None, RouterStats | None]:
     """Log-prob of each input token given the tokens before it, aligned with `input_ids`.
 
     Returns `(logprobs [B, T], entropy [B, T])` where `logprobs[:, t] = log π(x_t | x_<t)` and
@@ -92,13 +105,20 @@ def sequence_token_logprobs(
     With `branch_ids` (a trunk of 0s at the start of each row, then branches 1, 2, ...; see
     `Transformer`), x_<t means the tokens x_t attends to: the first token of a branch that follows
     another branch is predicted from the trunk's last token (one extra `[B, V]` logit row).
+
+    `return_router_stats=True` appends the forward's mixture-of-experts `RouterStats` (None for a
+    dense model), from which `jaxalign.models.moe.router_loss_terms` makes the auxiliary loss.
     """
     variables = {"params": params}
-    branch_kwargs = {} if branch_ids is None else {"branch_ids": branch_ids}
+    kwargs = {} if branch_ids is None else {"branch_ids": branch_ids}
+    if return_router_stats:
+        kwargs["return_router_stats"] = True
     hidden = model.apply(
-        variables, input_ids, attention_mask, positions, return_hidden=True, **branch_kwargs
+        variables, input_ids, attention_mask, positions, return_hidden=True, **kwargs
     )
+    hidden, stats = hidden if return_router_stats else (hidden, None)
     output_embedding = model.apply(variables, method="output_embedding")
+    softcap_value = model.config.final_logit_softcap
     logprobs, entropy = token_logprobs_from_hidden(
         hidden[:, :-1],
         output_embedding,
@@ -106,12 +126,16 @@ def sequence_token_logprobs(
         temperature=temperature,
         chunk_size=chunk_size,
         with_entropy=with_entropy,
+        logit_softcap=softcap_value,
     )
     pad = ((0, 0), (1, 0))
     logprobs = jnp.pad(logprobs, pad)
     entropy = None if entropy is None else jnp.pad(entropy, pad)
+    done = (
+        (lambda lp, ent: (lp, ent, stats)) if return_router_stats else (lambda lp, ent: (lp, ent))
+    )
     if branch_ids is None:
-        return logprobs, entropy
+        return done(logprobs, entropy)
     previous = jnp.pad(branch_ids[:, :-1], pad)
     follows_trunk = (branch_ids != 0) & (previous != 0) & (branch_ids != previous)  # [B, T]
     trunk_len = ((branch_ids == 0) & (attention_mask != 0)).sum(-1)
@@ -123,8 +147,9 @@ def sequence_token_logprobs(
         (input_ids * follows_trunk).sum(-1, keepdims=True),
         temperature=temperature,
         with_entropy=with_entropy,
+        logit_softcap=softcap_value,
     )
     logprobs = jnp.where(follows_trunk, rerouted, logprobs)
     if entropy is not None:
         entropy = jnp.where(follows_trunk, rerouted_entropy, entropy)
-    return logprobs, entropy
+    return done(logprobs, entropy)

@@ -252,6 +252,25 @@ def _rules(base: Transformer, lora: LoraConfig, *, adapters: bool, dropout: floa
     return rules
 
 
+class _LoraProvider(qwix.LoraProvider):
+    """qwix's LoRA, with the output kept in the layer's compute dtype.
+
+    qwix adds `x·A·B` in the adapters' (param) dtype, so with bf16 compute over fp32 params a
+    projection's output is promoted to fp32: the residual stream changes dtype and `nn.scan`
+    rejects its carry. The sum is cast back to what the base matmul returns.
+    """
+
+    def dot_general(self, lhs, rhs, *args, **kwargs):
+        out = super().dot_general(lhs, rhs, *args, **kwargs)
+        preferred = kwargs.get("preferred_element_type") or (args[2] if len(args) > 2 else None)
+        # Flax layers cast their inputs to the compute dtype, which is the base matmul's output.
+        return out.astype(preferred or lhs.dtype)
+
+    def einsum(self, einsum_str, *operands, **kwargs):
+        out = super().einsum(einsum_str, *operands, **kwargs)
+        return out.astype(kwargs.get("preferred_element_type") or operands[0].dtype)
+
+
 def _float_lora(lora_model: LoraModel) -> nn.Module:
     """The LoRA module over a float base (adapter shapes and names; qwix's quantized init under
     `nn.scan` drops some adapters)."""
@@ -261,12 +280,12 @@ def _float_lora(lora_model: LoraModel) -> nn.Module:
         adapters=True,
         dropout=0.0,
     )
-    return qwix.apply_lora_to_model(lora_model.base, qwix.LoraProvider(rules))
+    return qwix.apply_lora_to_model(lora_model.base, _LoraProvider(rules))
 
 
 def make_lora_model(model: Transformer, lora: LoraConfig) -> LoraModel:
     """The LoRA model definition (no params) of a base `Transformer`."""
-    provider = lambda dropout: qwix.LoraProvider(  # noqa: E731
+    provider = lambda dropout: _LoraProvider(  # noqa: E731
         _rules(model, lora, adapters=True, dropout=dropout)
     )
     module = qwix.apply_lora_to_model(model, provider(0.0))

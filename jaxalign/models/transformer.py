@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.models.config import ModelConfig, llama_scaled_inv_freq, yarn_scaled_inv_freq
+from jaxalign.models.moe import MoeMLP, RouterStats
 
 Array = jax.Array
 
@@ -120,9 +121,21 @@ class Norm(nn.Module):
         return out.astype(jnp.dtype(c.dtype))
 
 
-def rope_inv_freq(config: ModelConfig) -> Array:
-    """Inverse frequencies θ^(-2i/D) of RoPE (Su et al. 2021), with optional scaling."""
+def softcap(x: Array, cap: float | None) -> Array:
+    """cap·tanh(x / cap) (Gemma 2's soft-capping of logits); `x` itself when cap is None."""
+    if not cap:
+        return x
+    return cap * jnp.tanh(x / cap)
+
+
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> Array:
+    """Inverse frequencies θ^(-2i/D) of RoPE (Su et al. 2021), with optional scaling.
+
+    `local=True`: those of sliding-window layers, which in Gemma 3 use `local_rope_theta` unscaled.
+    """
     dim = config.head_dim
+    if local and config.local_rope_theta is not None:
+        return 1.0 / (config.local_rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     scaling = config.rope_scaling_dict
     if scaling and scaling["rope_type"] == "llama3":
@@ -191,20 +204,34 @@ def attention_mask_4d(
     return mask[:, None]
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array:
-    """softmax(q·kᵀ/√D + mask)·v with grouped kv heads; logits and softmax in fp32.
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    impl: str,
+    *,
+    scale: float | None = None,
+    logit_softcap: float | None = None,
+) -> Array:
+    """softmax(softcap(q·kᵀ·scale) + mask)·v with grouped kv heads; logits and softmax in fp32.
 
     q: [B, T, H, D]; k, v: [B, K, S, D] (heads-major, as the KV cache stores them);
-    mask: [B, 1, T, S] -> [B, T, H, D].
+    mask: [B, 1, T, S] -> [B, T, H, D]. `scale` defaults to 1/√D; `logit_softcap` (Gemma 2) caps
+    the logits at ±cap with cap·tanh(logits / cap).
     """
     if impl == "cudnn":
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     batch, q_len, heads, dim = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, dim)
     logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(dim))
+    if scale is None:
+        logits = logits / jnp.sqrt(jnp.float32(dim))
+    else:
+        logits = logits * jnp.float32(scale)
+    logits = softcap(logits, logit_softcap)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
@@ -267,7 +294,10 @@ class Attention(nn.Module):
                 for cached, new in zip(layer_cache, (k, v), strict=True)
             )
             k, v = (cached.astype(q.dtype) for cached in new_cache)
-        out = dot_product_attention(q, k, v, mask, c.attention_impl)
+        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
+        out = dot_product_attention(
+            q, k, v, mask, c.attention_impl, scale=scale, logit_softcap=c.attn_logit_softcap
+        )
         out = out.reshape(batch * q_len, *out.shape[2:])
         out = nn.DenseGeneral(
             c.hidden_size,
@@ -312,7 +342,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `post_norms` (Gemma 2/3) each branch's output is normed too before the residual add:
+    x + norm(attn(norm(x))), then x + norm(mlp(norm(x))). With `num_experts` the MLP is a
+    mixture of experts, whose `RouterStats` the layer returns beside its new cache.
+
+    Layers of a `mixed_attention` model get `mask` and `rope` as `(global, sliding)` pairs and pick
+    theirs with `is_sliding` (a bool, traced when the layers are scanned).
+    """
 
     config: ModelConfig
 
@@ -320,17 +358,37 @@ class DecoderLayer(nn.Module):
     def __call__(
         self,
         x: Array,
-        mask: Array,
-        rope: tuple[Array, Array] | None,
+        mask: Array | tuple[Array, Array],
+        rope: Any,
         layer_cache: tuple[Array, Array] | None,
         cache_index: Array | None,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
-        attn_out, new_cache = Attention(self.config, name="attn")(
-            Norm(self.config, name="input_norm")(x), mask, rope, layer_cache, cache_index
+        token_mask: Array,
+        is_sliding: Array | bool = False,
+    ) -> tuple[Array, tuple[tuple[Array, Array] | None, RouterStats | None]]:
+        c = self.config
+        if c.mixed_attention:
+            pick = lambda pair: jax.tree.map(  # noqa: E731
+                lambda full, sliding: jnp.where(is_sliding, sliding, full), *pair
+            )
+            mask, rope = pick(mask), pick(rope)
+        attn_out, new_cache = Attention(c, name="attn")(
+            Norm(c, name="input_norm")(x), mask, rope, layer_cache, cache_index
         )
-        x = x + attn_out
-        x = x + MLP(self.config, name="mlp")(Norm(self.config, name="post_attn_norm")(x))
-        return x, new_cache
+        if c.post_norms:
+            attn_out = Norm(c, name="post_attn_norm")(attn_out)
+            x = x + attn_out
+            mlp_in = Norm(c, name="pre_mlp_norm")(x)
+        else:
+            x = x + attn_out
+            mlp_in = Norm(c, name="post_attn_norm")(x)
+        stats = None
+        if c.num_experts:
+            mlp_out, stats = MoeMLP(c, _activation(c.activation), name="moe")(mlp_in, token_mask)
+        else:
+            mlp_out = MLP(c, name="mlp")(mlp_in)
+        if c.post_norms:
+            mlp_out = Norm(c, name="post_mlp_norm")(mlp_out)
+        return x + mlp_out, (new_cache, stats)
 
 
 _REMAT_POLICIES = {
@@ -361,7 +419,10 @@ class Transformer(nn.Module):
       - `positions` `[B, T]`; default `cumsum(mask) - 1` (continuing after the cache's tokens).
       - with `cache`, the tokens are written at `cache.index` and `(output, new_cache)` is returned.
       - `return_hidden=True` returns the final-norm hidden states `[B, T, E]` instead of the head's
-        output, for chunked log-prob computation with `output_embedding()`.
+        output, for chunked log-prob computation with `output_embedding()` (then apply
+        `softcap(logits, config.final_logit_softcap)`, as `jaxalign.models.logprobs` does).
+      - `return_router_stats=True` (no cache) returns `(output, RouterStats summed over layers)`;
+        the stats are None for a dense model. See `jaxalign.models.moe`.
     """
 
     config: ModelConfig
@@ -389,7 +450,7 @@ class Transformer(nn.Module):
                 layer,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, name="layers")
@@ -423,10 +484,13 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         branch_ids: Array | None = None,
-    ) -> Array | tuple[Array, KVCache]:
+        return_router_stats: bool = False,
+    ) -> Array | tuple[Array, KVCache] | tuple[Array, RouterStats | None]:
         c = self.config
         if branch_ids is not None and cache is not None:
             raise ValueError("branch_ids (shared-prefix rows) cannot be combined with a KV cache")
+        if return_router_stats and cache is not None:
+            raise ValueError("return_router_stats is for training forwards, without a KV cache")
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         attention_mask = attention_mask.astype(jnp.int32)
@@ -458,31 +522,52 @@ class Transformer(nn.Module):
             kv_positions = jax.lax.dynamic_update_slice_in_dim(
                 cache.positions, positions, cache_index, 1
             )
-        mask = attention_mask_4d(
+        mask_of = functools.partial(
+            attention_mask_4d,
             attention_mask,
             positions,
             query_index,
             kv_segments,
             kv_positions,
-            c.sliding_window,
-            branch_ids,
+            branch_ids=branch_ids,
         )
         rope = None
         if c.position_embedding == "rope":
             rope = rope_tables(positions, rope_inv_freq(c), c.rope_attention_factor)
+        if c.mixed_attention:
+            # Full caches for every layer: sliding layers see their window through the mask.
+            mask = (mask_of(None), mask_of(c.sliding_window))
+            local_rope = rope
+            if c.local_rope_theta is not None:
+                local_rope = rope_tables(positions, rope_inv_freq(c, local=True))
+            rope = (rope, local_rope)
+            is_sliding = [t == "sliding_attention" for t in c.layer_types]
+        else:
+            mask = mask_of(c.sliding_window)
+            is_sliding = [False] * c.num_layers
+        token_mask = (attention_mask != 0).reshape(-1)
 
         if c.scan_layers:
             layer_caches = None if cache is None else (cache.keys, cache.values)
-            x, new_layer_caches = self.layers(x, mask, rope, layer_caches, cache_index)
+            x, (new_layer_caches, stats) = self.layers(
+                x, mask, rope, layer_caches, cache_index, token_mask, jnp.asarray(is_sliding)
+            )
+            if stats is not None:
+                stats = jax.tree.map(lambda s: s.sum(0), stats)
         else:
-            new_keys, new_values = [], []
+            new_keys, new_values, layer_stats = [], [], []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-                x, new_layer_cache = layer(x, mask, rope, layer_cache, cache_index)
+                x, (new_layer_cache, stats) = layer(
+                    x, mask, rope, layer_cache, cache_index, token_mask, is_sliding[i]
+                )
                 if new_layer_cache is not None:
                     new_keys.append(new_layer_cache[0])
                     new_values.append(new_layer_cache[1])
+                if stats is not None:
+                    layer_stats.append(stats)
             new_layer_caches = (tuple(new_keys), tuple(new_values))
+            stats = functools.reduce(RouterStats.__add__, layer_stats) if layer_stats else None
         hidden = self.final_norm(x)
 
         if return_hidden:
@@ -495,6 +580,9 @@ class Transformer(nn.Module):
                 self.output_embedding().astype(hidden.dtype),
                 preferred_element_type=jnp.float32,
             ).reshape(batch, seq_len, -1)
+            out = softcap(out, c.final_logit_softcap)
+        if return_router_stats:
+            return out, stats
         if cache is None:
             return out
         new_cache = KVCache(

@@ -21,6 +21,7 @@ from jaxalign import sharding as shd
 from jaxalign.data import BatchIterator
 from jaxalign.losses import dpo_loss
 from jaxalign.models import Transformer
+from jaxalign.models.moe import router_loss_terms
 from jaxalign.trainers import common, engine
 from jaxalign.trainers.pairwise import response_logps
 from jaxalign.trainers.setup import load_reference, setup_run
@@ -60,8 +61,8 @@ def dpo_loss_fn(
 
     def loss_fn(params, batch, ref_params, rng):
         del rng
-        chosen, rejected, chosen_len, rejected_len = response_logps(
-            model, params, batch, chunk_size=chunk_size
+        chosen, rejected, chosen_len, rejected_len, router_stats = response_logps(
+            model, params, batch, chunk_size=chunk_size, return_router_stats=True
         )
         if not use_reference:
             ref_chosen = ref_rejected = jnp.zeros_like(chosen)
@@ -94,7 +95,10 @@ def dpo_loss_fn(
             "logps/chosen": chosen.sum(),
             "logps/rejected": rejected.sum(),
         }
-        return losses.sum(), {"denominator": jnp.float32(chosen.shape[0]), "metrics": metrics}
+        num_pairs = jnp.float32(chosen.shape[0])
+        router_loss, router_metrics = router_loss_terms(model.config, router_stats, num_pairs)
+        metrics.update(router_metrics)
+        return losses.sum() + router_loss, {"denominator": num_pairs, "metrics": metrics}
 
     return loss_fn
 

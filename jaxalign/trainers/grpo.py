@@ -36,6 +36,7 @@ from jaxalign import rollout as rl
 from jaxalign import sharding as shd
 from jaxalign.losses import grpo_policy_loss
 from jaxalign.models import Transformer, sequence_token_logprobs
+from jaxalign.models.moe import router_loss_terms
 from jaxalign.optim import make_optimizer
 from jaxalign.trainers import common, engine
 from jaxalign.trainers.pairwise import sequence_scores
@@ -58,13 +59,14 @@ def grpo_loss_fn(
     def loss_fn(params, batch, frozen, rng):
         del frozen, rng
         prompt_len = batch["input_ids"].shape[1] - new_tokens
-        logprobs, entropy = sequence_token_logprobs(
+        logprobs, entropy, router_stats = sequence_token_logprobs(
             policy,
             params,
             batch["input_ids"],
             batch["attention_mask"],
             temperature=grpo_cfg.temperature,
             chunk_size=chunk_size,
+            return_router_stats=True,
         )
         logprobs = rl.response_slice(logprobs, prompt_len)
         entropy = rl.response_slice(entropy, prompt_len)
@@ -95,7 +97,14 @@ def grpo_loss_fn(
                 )
             },
         }
-        return out.loss_sum, {"denominator": out.denominator, "metrics": {}, "weighted": weighted}
+        router_loss, router_metrics = router_loss_terms(
+            policy.config, router_stats, out.denominator
+        )
+        return out.loss_sum + router_loss, {
+            "denominator": out.denominator,
+            "metrics": router_metrics,
+            "weighted": weighted,
+        }
 
     return loss_fn
 
@@ -281,8 +290,8 @@ class GRPOIteration:
                 "completions/clipped_ratio": float(1.0 - rollout.finished.mean()),
                 "time/rollout_s": t_rollout,
                 "time/update_s": t_update,
-                "rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
-                "update_tokens_per_s": float((rollout.attention_mask != 0).sum())
+                "rollout_tokens_per_sec": generated / max(t_rollout, 1e-9),
+                "update_tokens_per_sec": float((rollout.attention_mask != 0).sum())
                 * cfg.num_iterations
                 / max(t_update, 1e-9),
             }

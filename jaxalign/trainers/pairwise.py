@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -19,17 +21,25 @@ def concat_pairs(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Arr
 
 
 def response_logps(
-    model: Transformer, params, batch: Batch, *, chunk_size: int | None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    model: Transformer,
+    params,
+    batch: Batch,
+    *,
+    chunk_size: int | None,
+    return_router_stats: bool = False,
+) -> tuple[jax.Array, ...]:
     """Summed response log-probs and response lengths: `(chosen, rejected, chosen_len, rejected_len)`.
 
     Takes either batch layout of `jaxalign.data.batching`: chosen and rejected rows (2B rows), or
     shared-prompt rows (`branch_ids` present; B rows, the prompt run once).
+    `return_router_stats=True` appends the forward's `RouterStats` (None for a dense model).
     """
     if "branch_ids" in batch:
-        return shared_prompt_response_logps(model, params, batch, chunk_size=chunk_size)
+        return shared_prompt_response_logps(
+            model, params, batch, chunk_size=chunk_size, return_router_stats=return_router_stats
+        )
     input_ids, attention_mask, positions, loss_mask = concat_pairs(batch)
-    logprobs, _ = sequence_token_logprobs(
+    logprobs, _, stats = sequence_token_logprobs(
         model,
         params,
         input_ids,
@@ -37,19 +47,26 @@ def response_logps(
         positions,
         chunk_size=chunk_size,
         with_entropy=False,
+        return_router_stats=True,
     )
     summed = (logprobs * loss_mask).sum(-1)
     lengths = loss_mask.sum(-1)
     num_pairs = batch["chosen_input_ids"].shape[0]
-    return summed[:num_pairs], summed[num_pairs:], lengths[:num_pairs], lengths[num_pairs:]
+    out = summed[:num_pairs], summed[num_pairs:], lengths[:num_pairs], lengths[num_pairs:]
+    return (*out, stats) if return_router_stats else out
 
 
 def shared_prompt_response_logps(
-    model: Transformer, params, batch: Batch, *, chunk_size: int | None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    model: Transformer,
+    params,
+    batch: Batch,
+    *,
+    chunk_size: int | None,
+    return_router_stats: bool = False,
+) -> tuple[jax.Array, ...]:
     """`response_logps` of `prompt + chosen + rejected` rows (`branch_ids`: the first rejected
     token is predicted from the prompt, not from the chosen response before it)."""
-    logprobs, _ = sequence_token_logprobs(
+    logprobs, _, stats = sequence_token_logprobs(
         model,
         params,
         batch["input_ids"],
@@ -58,14 +75,16 @@ def shared_prompt_response_logps(
         chunk_size=chunk_size,
         with_entropy=False,
         branch_ids=batch["branch_ids"],
+        return_router_stats=True,
     )
     chosen_mask, rejected_mask = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
-    return (
+    out = (
         (logprobs * chosen_mask).sum(-1),
         (logprobs * rejected_mask).sum(-1),
         chosen_mask.sum(-1),
         rejected_mask.sum(-1),
     )
+    return (*out, stats) if return_router_stats else out
 
 
 def score_mask(
@@ -84,18 +103,34 @@ def score_mask(
 
 
 def sequence_scores(
-    model: Transformer, params, input_ids: jax.Array, attention_mask: jax.Array, positions=None
-) -> jax.Array:
-    """Scalar-head score of each sequence `[B]`, read where Hugging Face reads it (`score_mask`)."""
-    values = model.apply({"params": params}, input_ids, attention_mask, positions)
-    return gather_last_token(
+    model: Transformer,
+    params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    positions=None,
+    *,
+    return_router_stats: bool = False,
+) -> jax.Array | tuple[jax.Array, Any]:
+    """Scalar-head score of each sequence `[B]`, read where Hugging Face reads it (`score_mask`);
+    with `return_router_stats`, also the forward's `RouterStats` (None for a dense model)."""
+    values, stats = model.apply(
+        {"params": params}, input_ids, attention_mask, positions, return_router_stats=True
+    )
+    scores = gather_last_token(
         values, score_mask(input_ids, attention_mask, model.config.pad_token_id)
     )
+    return (scores, stats) if return_router_stats else scores
 
 
-def pair_rewards(model: Transformer, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Scalar-head scores of each sequence: `(chosen_rewards [B], rejected_rewards [B])`."""
+def pair_rewards(
+    model: Transformer, params, batch: Batch, *, return_router_stats: bool = False
+) -> tuple[jax.Array, ...]:
+    """Scalar-head scores of each sequence: `(chosen_rewards [B], rejected_rewards [B])` (and the
+    `RouterStats` with `return_router_stats`)."""
     input_ids, attention_mask, positions, _ = concat_pairs(batch)
-    rewards = sequence_scores(model, params, input_ids, attention_mask, positions)
+    rewards, stats = sequence_scores(
+        model, params, input_ids, attention_mask, positions, return_router_stats=True
+    )
     num_pairs = batch["chosen_input_ids"].shape[0]
-    return rewards[:num_pairs], rewards[num_pairs:]
+    out = rewards[:num_pairs], rewards[num_pairs:]
+    return (*out, stats) if return_router_stats else out

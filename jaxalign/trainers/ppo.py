@@ -35,6 +35,7 @@ from jaxalign import rollout as rl
 from jaxalign import sharding as shd
 from jaxalign.losses import kl_penalty, ppo_policy_loss, ppo_value_loss
 from jaxalign.models import Transformer, sequence_token_logprobs
+from jaxalign.models.moe import router_loss_terms
 from jaxalign.optim import make_optimizer
 from jaxalign.trainers import common, engine
 from jaxalign.trainers.pairwise import sequence_scores
@@ -143,18 +144,22 @@ def ppo_loss_fn(
         del frozen, rng
         prompt_len = prompt_len_of(batch)
         mask = batch["response_mask"]
-        logprobs, entropy = sequence_token_logprobs(
+        logprobs, entropy, policy_router = sequence_token_logprobs(
             policy,
             params["policy"],
             batch["input_ids"],
             batch["attention_mask"],
             temperature=ppo_cfg.temperature,
             chunk_size=chunk_size,
+            return_router_stats=True,
         )
         logprobs = rl.response_slice(logprobs, prompt_len)
         entropy = rl.response_slice(entropy, prompt_len)
-        values = critic.apply(
-            {"params": params["critic"]}, batch["input_ids"], batch["attention_mask"]
+        values, critic_router = critic.apply(
+            {"params": params["critic"]},
+            batch["input_ids"],
+            batch["attention_mask"],
+            return_router_stats=True,
         )
         values = rl.response_slice(values, prompt_len, offset=-1)
         pg_sum, pg_stats = ppo_policy_loss(
@@ -174,7 +179,14 @@ def ppo_loss_fn(
             "val/error": vf_stats["value_error_sum"],
             "val/clipfrac": vf_stats["value_clipfrac_sum"],
         }
-        return loss_sum, {"denominator": mask.sum(), "metrics": metrics}
+        # Mixture-of-experts load balancing, for the policy and the critic (0 when dense).
+        denominator = mask.sum()
+        policy_aux, policy_metrics = router_loss_terms(policy.config, policy_router, denominator)
+        critic_aux, critic_metrics = router_loss_terms(critic.config, critic_router, denominator)
+        metrics.update(policy_metrics)
+        metrics.update({f"critic/{name}": value for name, value in critic_metrics.items()})
+        loss_sum = loss_sum + policy_aux + critic_aux
+        return loss_sum, {"denominator": denominator, "metrics": metrics}
 
     return loss_fn
 
@@ -363,8 +375,8 @@ class PPOIteration:
                 "eos_rate": float(jnp.mean(rollout.finished.astype(jnp.float32))),
                 "time/rollout_s": t_rollout,
                 "time/update_s": t_update,
-                "rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
-                "update_tokens_per_s": float((rollout.attention_mask != 0).sum())
+                "rollout_tokens_per_sec": generated / max(t_rollout, 1e-9),
+                "update_tokens_per_sec": float((rollout.attention_mask != 0).sum())
                 * ppo_cfg.num_epochs
                 / max(t_update, 1e-9),
             }

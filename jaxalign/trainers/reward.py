@@ -10,6 +10,7 @@ import ml_collections
 
 from jaxalign.losses import bradley_terry_loss
 from jaxalign.models import Transformer
+from jaxalign.models.moe import router_loss_terms
 from jaxalign.trainers import common, engine
 from jaxalign.trainers.pairwise import pair_rewards
 from jaxalign.trainers.setup import setup_run
@@ -22,7 +23,9 @@ def reward_loss_fn(model: Transformer, *, margin: float, center_coef: float):
 
     def loss_fn(params, batch, frozen, rng):
         del frozen, rng
-        chosen, rejected = pair_rewards(model, params, batch)
+        chosen, rejected, router_stats = pair_rewards(
+            model, params, batch, return_router_stats=True
+        )
         losses = bradley_terry_loss(
             chosen, rejected, margin=margin or None, center_coef=center_coef
         )
@@ -32,7 +35,10 @@ def reward_loss_fn(model: Transformer, *, margin: float, center_coef: float):
             "chosen_reward": chosen.sum(),
             "rejected_reward": rejected.sum(),
         }
-        return losses.sum(), {"denominator": jnp.float32(chosen.shape[0]), "metrics": metrics}
+        num_pairs = jnp.float32(chosen.shape[0])
+        router_loss, router_metrics = router_loss_terms(model.config, router_stats, num_pairs)
+        metrics.update(router_metrics)
+        return losses.sum() + router_loss, {"denominator": num_pairs, "metrics": metrics}
 
     return loss_fn
 

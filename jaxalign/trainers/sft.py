@@ -11,6 +11,8 @@ import ml_collections
 
 from jaxalign.data import build_sft_dataset
 from jaxalign.models import Transformer, token_logprobs_from_hidden
+from jaxalign.models.moe import router_loss_terms
+from jaxalign.models.transformer import softcap
 from jaxalign.trainers import common, engine
 from jaxalign.trainers.setup import setup_run
 
@@ -22,37 +24,49 @@ def sft_loss_fn(model: Transformer, *, chunk_size: int | None):
 
     Also, over the completion tokens (TRL's SFT metrics): `mean_token_accuracy`, the share whose
     most likely next token is the target, and `entropy`, the mean entropy of π there. They take
-    one extra forward pass of the LM head, outside the gradient.
+    one extra forward pass of the LM head, outside the gradient. A mixture-of-experts model adds
+    its router load-balancing loss (`jaxalign.models.moe.router_loss_terms`).
     """
+    logit_softcap = model.config.final_logit_softcap
 
     def loss_fn(params, batch, frozen, rng):
         del frozen, rng
         variables = {"params": params}
-        hidden = model.apply(
+        hidden, router_stats = model.apply(
             variables,
             batch["input_ids"],
             batch["attention_mask"],
             batch["positions"],
             return_hidden=True,
-        )[:, :-1]
+            return_router_stats=True,
+        )
+        hidden = hidden[:, :-1]
         output_embedding = model.apply(variables, method="output_embedding")
         targets = batch["input_ids"][:, 1:]
         logprobs, _ = token_logprobs_from_hidden(
-            hidden, output_embedding, targets, chunk_size=chunk_size, with_entropy=False
+            hidden,
+            output_embedding,
+            targets,
+            chunk_size=chunk_size,
+            with_entropy=False,
+            logit_softcap=logit_softcap,
         )
         correct, entropy = token_accuracy_and_entropy(
             jax.lax.stop_gradient(hidden),
             jax.lax.stop_gradient(output_embedding),
             targets,
             chunk_size=chunk_size,
+            logit_softcap=logit_softcap,
         )
         mask = batch["loss_mask"][:, 1:]  # loss_mask[:, 0] is 0: nothing predicts token 0
         tokens = mask.sum()
-        return -(logprobs * mask).sum(), {
+        router_loss, router_metrics = router_loss_terms(model.config, router_stats, tokens)
+        return -(logprobs * mask).sum() + router_loss, {
             "denominator": tokens,
             "metrics": {
                 "mean_token_accuracy": (correct * mask).sum(),
                 "entropy": (entropy * mask).sum(),
+                **router_metrics,
             },
             "counts": {"tokens": tokens},
         }
@@ -61,7 +75,12 @@ def sft_loss_fn(model: Transformer, *, chunk_size: int | None):
 
 
 def token_accuracy_and_entropy(
-    hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array, *, chunk_size: int | None
+    hidden: jax.Array,
+    output_embedding: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int | None,
+    logit_softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`(correct [B, T], entropy [B, T])`: 1.0 where argmax_v logits = target, and H(π(·|x_<t)).
 
@@ -76,6 +95,7 @@ def token_accuracy_and_entropy(
             output_embedding.astype(hidden_chunk.dtype),
             preferred_element_type=jnp.float32,
         ).reshape(batch, chunk, -1)
+        logits = softcap(logits, logit_softcap)
         log_norm = jax.nn.logsumexp(logits, axis=-1)
         entropy = log_norm - jnp.sum(jnp.exp(logits - log_norm[..., None]) * logits, axis=-1)
         correct = (jnp.argmax(logits, axis=-1) == target_chunk).astype(jnp.float32)
