@@ -1,6 +1,6 @@
 """The offline main job: controlled-sentiment RLHF vs DPO on a tiny model (Rafailov et al. 2023 §6.1).
 
-    python -m jaxalign.demo                                   # full demo, ~8 min on 2 CPU cores
+    python -m jaxalign.demo                                   # full demo, ~4 min on 2 CPU cores
     python -m jaxalign.demo --config=configs/demo.py:quick    # smoke run, ~2-3 min
     python -m jaxalign.demo --workdir=runs/demo --config.dpo_betas='(0.1,)'
 
