@@ -20,9 +20,9 @@ import pytest
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import sharding as shd
-from jaxalign.config import base_config
+from jaxalign.config import base_config, tiny_model_init
 from jaxalign.data import build_sft_dataset
-from jaxalign.models import Transformer, load_tokenizer
+from jaxalign.models import ModelConfig, Transformer, load_tokenizer
 from jaxalign.optim import make_optimizer
 from jaxalign.train import run
 from jaxalign.trainers import common, engine, setup, sft
@@ -508,14 +508,18 @@ def test_consecutive_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path):
 
 class PositionOnlyModel:
     """Stands in for `Transformer`: hidden states depend on positions only, so a token's id
-    changes nothing but its own log-prob as a target."""
+    changes nothing but its own log-prob as a target. A dense model: no router stats, no
+    logit soft-cap."""
 
-    def apply(self, variables, *args, return_hidden=False, method=None):
+    config = ModelConfig(**tiny_model_init().to_dict())
+
+    def apply(self, variables, *args, return_hidden=False, method=None, return_router_stats=False):
         params = variables["params"]
         if method == "output_embedding":
             return params["output"]
         _, _, positions = args
-        return params["hidden"][positions]
+        hidden = params["hidden"][positions]
+        return (hidden, None) if return_router_stats else hidden
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models.moe import RouterStats
 from jaxalign.models.transformer import softcap
 
 Array = jax.Array
@@ -25,7 +24,8 @@ def _chunk_stats(
     temperature: float,
     with_entropy: bool,
     logit_softcap: float | None = None,
-) -> tuple[Array, Array | None]:
+    with_mean_logit: bool = False,
+) -> tuple[Array, ...]:
     batch, chunk, embed = hidden.shape
     logits = jnp.dot(  # as a 2-D matmul, which XLA:CPU runs faster than the [B, C, E] einsum
         hidden.reshape(batch * chunk, embed),
@@ -35,10 +35,12 @@ def _chunk_stats(
     logits = softcap(logits, logit_softcap) / temperature
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    if not with_entropy:
-        return target_logits - log_norm, None
-    probs = jnp.exp(logits - log_norm[..., None])
-    entropy = log_norm - jnp.sum(probs * logits, axis=-1)
+    entropy = None
+    if with_entropy:
+        probs = jnp.exp(logits - log_norm[..., None])
+        entropy = log_norm - jnp.sum(probs * logits, axis=-1)
+    if with_mean_logit:  # TRL's `logits/chosen`: the mean over the vocabulary, per token
+        return target_logits - log_norm, entropy, jnp.mean(logits, axis=-1)
     return target_logits - log_norm, entropy
 
 
@@ -51,7 +53,8 @@ def token_logprobs_from_hidden(
     chunk_size: int | None = None,
     with_entropy: bool = True,
     logit_softcap: float | None = None,
-) -> tuple[Array, Array | None]:
+    with_mean_logit: bool = False,
+) -> tuple[Array, ...]:
     """log π(targets | hidden) and the entropy of π at each position.
 
     Args:
@@ -59,28 +62,29 @@ def token_logprobs_from_hidden(
       output_embedding: `[E, V]`.
       chunk_size: tokens per chunk along T (None: one chunk).
       logit_softcap: the model's `final_logit_softcap` (Gemma 2), applied before the temperature.
+      with_mean_logit: also return each position's mean logit over the vocabulary `[B, T]`.
     Returns:
-      `(logprobs [B, T], entropy [B, T])`, both float32; logits are divided by `temperature`.
-      `entropy` is None when `with_entropy=False` (it costs a full-vocabulary pass).
+      `(logprobs [B, T], entropy [B, T])`, both float32, plus `mean_logit [B, T]` when asked;
+      logits are divided by `temperature`. `entropy` is None when `with_entropy=False` (it costs
+      a full-vocabulary pass).
     """
     batch, seq_len, _ = hidden.shape
+    settings = (temperature, with_entropy, logit_softcap, with_mean_logit)
     if chunk_size is None or chunk_size >= seq_len:
-        return _chunk_stats(
-            hidden, output_embedding, targets, temperature, with_entropy, logit_softcap
-        )
-    stats = jax.checkpoint(_chunk_stats, static_argnums=(3, 4, 5))
+        return _chunk_stats(hidden, output_embedding, targets, *settings)
+    stats = jax.checkpoint(_chunk_stats, static_argnums=(3, 4, 5, 6))
     num_chunks = -(-seq_len // chunk_size)
     pad = num_chunks * chunk_size - seq_len
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hidden_chunks = hidden.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
     target_chunks = targets.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
-    logprobs, entropy = jax.lax.map(
-        lambda xs: stats(xs[0], output_embedding, xs[1], temperature, with_entropy, logit_softcap),
+    outputs = jax.lax.map(
+        lambda xs: stats(xs[0], output_embedding, xs[1], *settings),
         (hidden_chunks, target_chunks),
     )
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :seq_len]  # noqa: E731
-    return unchunk(logprobs), None if entropy is None else unchunk(entropy)
+    unchunk = lambda x: None if x is None else x.swapaxes(0, 1).reshape(batch, -1)[:, :seq_len]  # noqa: E731
+    return tuple(unchunk(x) for x in outputs)
 
 
 def sequence_token_logprobs(
@@ -95,7 +99,8 @@ def sequence_token_logprobs(
     with_entropy: bool = True,
     branch_ids: Array | None = None,
     return_router_stats: bool = False,
-) -> tuple[Array, Array | None] | tuple[Array, Array | None, RouterStats | None]:
+    with_mean_logit: bool = False,
+) -> tuple[Any, ...]:
     """Log-prob of each input token given the tokens before it, aligned with `input_ids`.
 
     Returns `(logprobs [B, T], entropy [B, T])` where `logprobs[:, t] = log π(x_t | x_<t)` and
@@ -106,8 +111,10 @@ def sequence_token_logprobs(
     `Transformer`), x_<t means the tokens x_t attends to: the first token of a branch that follows
     another branch is predicted from the trunk's last token (one extra `[B, V]` logit row).
 
-    `return_router_stats=True` appends the forward's mixture-of-experts `RouterStats` (None for a
-    dense model), from which `jaxalign.models.moe.router_loss_terms` makes the auxiliary loss.
+    `with_mean_logit=True` appends each token's mean logit over the vocabulary `[B, T]` (TRL's
+    `logits/chosen` metric). `return_router_stats=True` then appends the forward's
+    mixture-of-experts `RouterStats` (None for a dense model), from which
+    `jaxalign.models.moe.router_loss_terms` makes the auxiliary loss.
     """
     variables = {"params": params}
     kwargs = {} if branch_ids is None else {"branch_ids": branch_ids}
@@ -118,38 +125,33 @@ def sequence_token_logprobs(
     )
     hidden, stats = hidden if return_router_stats else (hidden, None)
     output_embedding = model.apply(variables, method="output_embedding")
-    softcap_value = model.config.final_logit_softcap
-    logprobs, entropy = token_logprobs_from_hidden(
-        hidden[:, :-1],
-        output_embedding,
-        input_ids[:, 1:],
+    head = dict(
         temperature=temperature,
-        chunk_size=chunk_size,
         with_entropy=with_entropy,
-        logit_softcap=softcap_value,
+        logit_softcap=model.config.final_logit_softcap,
+        with_mean_logit=with_mean_logit,
     )
     pad = ((0, 0), (1, 0))
-    logprobs = jnp.pad(logprobs, pad)
-    entropy = None if entropy is None else jnp.pad(entropy, pad)
-    done = (
-        (lambda lp, ent: (lp, ent, stats)) if return_router_stats else (lambda lp, ent: (lp, ent))
-    )
-    if branch_ids is None:
-        return done(logprobs, entropy)
-    previous = jnp.pad(branch_ids[:, :-1], pad)
-    follows_trunk = (branch_ids != 0) & (previous != 0) & (branch_ids != previous)  # [B, T]
-    trunk_len = ((branch_ids == 0) & (attention_mask != 0)).sum(-1)
-    last_trunk = jnp.maximum(trunk_len - 1, 0)
-    # One branch start per row is rerouted (the layouts here have two branches).
-    rerouted, rerouted_entropy = token_logprobs_from_hidden(
-        jnp.take_along_axis(hidden, last_trunk[:, None, None], axis=1),
-        output_embedding,
-        (input_ids * follows_trunk).sum(-1, keepdims=True),
-        temperature=temperature,
-        with_entropy=with_entropy,
-        logit_softcap=softcap_value,
-    )
-    logprobs = jnp.where(follows_trunk, rerouted, logprobs)
-    if entropy is not None:
-        entropy = jnp.where(follows_trunk, rerouted_entropy, entropy)
-    return done(logprobs, entropy)
+    per_token = [
+        None if x is None else jnp.pad(x, pad)
+        for x in token_logprobs_from_hidden(
+            hidden[:, :-1], output_embedding, input_ids[:, 1:], chunk_size=chunk_size, **head
+        )
+    ]  # logprobs, entropy (or None)[, mean_logit]
+    if branch_ids is not None:
+        previous = jnp.pad(branch_ids[:, :-1], pad)
+        follows_trunk = (branch_ids != 0) & (previous != 0) & (branch_ids != previous)  # [B, T]
+        trunk_len = ((branch_ids == 0) & (attention_mask != 0)).sum(-1)
+        last_trunk = jnp.maximum(trunk_len - 1, 0)
+        # One branch start per row is rerouted (the layouts here have two branches).
+        rerouted = token_logprobs_from_hidden(
+            jnp.take_along_axis(hidden, last_trunk[:, None, None], axis=1),
+            output_embedding,
+            (input_ids * follows_trunk).sum(-1, keepdims=True),
+            **head,
+        )
+        per_token = [
+            x if x is None else jnp.where(follows_trunk, r, x)
+            for x, r in zip(per_token, rerouted, strict=True)
+        ]
+    return (*per_token, stats) if return_router_stats else tuple(per_token)

@@ -61,8 +61,15 @@ def dpo_loss_fn(
 
     def loss_fn(params, batch, ref_params, rng):
         del rng
-        chosen, rejected, chosen_len, rejected_len, router_stats = response_logps(
-            model, params, batch, chunk_size=chunk_size, return_router_stats=True
+        chosen, rejected, chosen_len, rejected_len, chosen_logits, rejected_logits, router_stats = (
+            response_logps(
+                model,
+                params,
+                batch,
+                chunk_size=chunk_size,
+                return_router_stats=True,
+                with_mean_logits=True,
+            )
         )
         if not use_reference:
             ref_chosen = ref_rejected = jnp.zeros_like(chosen)
@@ -98,7 +105,13 @@ def dpo_loss_fn(
         num_pairs = jnp.float32(chosen.shape[0])
         router_loss, router_metrics = router_loss_terms(model.config, router_stats, num_pairs)
         metrics.update(router_metrics)
-        return losses.sum() + router_loss, {"denominator": num_pairs, "metrics": metrics}
+        # TRL's logits/chosen, logits/rejected: mean logit over response tokens and vocabulary.
+        weighted = {
+            "logits/chosen": (chosen_logits.sum(), chosen_len.sum()),
+            "logits/rejected": (rejected_logits.sum(), rejected_len.sum()),
+        }
+        aux = {"denominator": num_pairs, "metrics": metrics, "weighted": weighted}
+        return losses.sum() + router_loss, aux
 
     return loss_fn
 

@@ -27,19 +27,31 @@ def response_logps(
     *,
     chunk_size: int | None,
     return_router_stats: bool = False,
+    with_mean_logits: bool = False,
 ) -> tuple[jax.Array, ...]:
     """Summed response log-probs and response lengths: `(chosen, rejected, chosen_len, rejected_len)`.
 
     Takes either batch layout of `jaxalign.data.batching`: chosen and rejected rows (2B rows), or
     shared-prompt rows (`branch_ids` present; B rows, the prompt run once).
-    `return_router_stats=True` appends the forward's `RouterStats` (None for a dense model).
+    `with_mean_logits=True` appends `(chosen_logits, rejected_logits)`: per pair, the sum over
+    response tokens of each token's mean logit over the vocabulary (TRL's `logits/*` metrics
+    divide them by the token counts). `return_router_stats=True` then appends the forward's
+    `RouterStats` (None for a dense model).
     """
     if "branch_ids" in batch:
-        return shared_prompt_response_logps(
-            model, params, batch, chunk_size=chunk_size, return_router_stats=return_router_stats
+        input_ids, attention_mask, positions = (
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["positions"],
         )
-    input_ids, attention_mask, positions, loss_mask = concat_pairs(batch)
-    logprobs, _, stats = sequence_token_logprobs(
+        masks = (batch["chosen_loss_mask"], batch["rejected_loss_mask"])
+        branch_ids = batch["branch_ids"]
+    else:
+        input_ids, attention_mask, positions, loss_mask = concat_pairs(batch)
+        num_pairs = batch["chosen_input_ids"].shape[0]
+        masks = (loss_mask, loss_mask)
+        branch_ids = None
+    logprobs, _, *extra = sequence_token_logprobs(
         model,
         params,
         input_ids,
@@ -47,43 +59,23 @@ def response_logps(
         positions,
         chunk_size=chunk_size,
         with_entropy=False,
+        branch_ids=branch_ids,
         return_router_stats=True,
+        with_mean_logit=with_mean_logits,
     )
-    summed = (logprobs * loss_mask).sum(-1)
-    lengths = loss_mask.sum(-1)
-    num_pairs = batch["chosen_input_ids"].shape[0]
-    out = summed[:num_pairs], summed[num_pairs:], lengths[:num_pairs], lengths[num_pairs:]
-    return (*out, stats) if return_router_stats else out
+    stats = extra[-1]
+    per_token = [logprobs] + ([extra[0]] if with_mean_logits else [])
 
+    def chosen_and_rejected(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if branch_ids is not None:  # one row per pair: the two masks pick the two responses
+            return (x * masks[0]).sum(-1), (x * masks[1]).sum(-1)
+        summed = (x * masks[0]).sum(-1)  # chosen rows, then rejected rows
+        return summed[:num_pairs], summed[num_pairs:]
 
-def shared_prompt_response_logps(
-    model: Transformer,
-    params,
-    batch: Batch,
-    *,
-    chunk_size: int | None,
-    return_router_stats: bool = False,
-) -> tuple[jax.Array, ...]:
-    """`response_logps` of `prompt + chosen + rejected` rows (`branch_ids`: the first rejected
-    token is predicted from the prompt, not from the chosen response before it)."""
-    logprobs, _, stats = sequence_token_logprobs(
-        model,
-        params,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["positions"],
-        chunk_size=chunk_size,
-        with_entropy=False,
-        branch_ids=batch["branch_ids"],
-        return_router_stats=True,
-    )
-    chosen_mask, rejected_mask = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
-    out = (
-        (logprobs * chosen_mask).sum(-1),
-        (logprobs * rejected_mask).sum(-1),
-        chosen_mask.sum(-1),
-        rejected_mask.sum(-1),
-    )
+    lengths = chosen_and_rejected(jnp.ones_like(logprobs))
+    out = (*chosen_and_rejected(per_token[0]), *lengths)
+    if with_mean_logits:
+        out = (*out, *chosen_and_rejected(per_token[1]))
     return (*out, stats) if return_router_stats else out
 
 
