@@ -213,3 +213,50 @@ def test_qlora_dpo_trains_adapters_on_an_nf4_base(tiny_data_dir, tmp_path):
     )
     merged = load_file(tmp_path / "hf" / "model.safetensors")
     assert all(t.dtype == np.float32 and np.isfinite(t).all() for t in merged.values())
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_online_rl_trains_lora_adapters(algorithm, tiny_data_dir, tmp_path):
+    """PPO and GRPO with adapters: the policy's trainable params are adapters only (PPO's critic
+    trains fully), the reference is the base with adapters off, exports are merged + PEFT."""
+    settings = {
+        **COMMON,
+        "model.name_or_path": "",
+        "train.num_steps": 2,
+        "train.batch_size": 8,
+        "train.export_hf": True,
+    }
+    if algorithm == "ppo":
+        settings.update(
+            {
+                "ppo.reward_model": "judge:length",
+                "ppo.critic_init": "policy",
+                "ppo.max_new_tokens": 8,
+                "ppo.num_epochs": 1,
+                "ppo.num_minibatches": 1,
+            }
+        )
+    else:
+        settings.update(
+            {
+                "grpo.reward_funcs": "judge:length",
+                "grpo.num_generations": 4,
+                "grpo.max_new_tokens": 8,
+                "grpo.beta": 0.1,
+            }
+        )
+    result = run(tiny_config(f"{algorithm}_tiny.py", tiny_data_dir, settings), tmp_path)
+    policy = result.state.params["policy"] if algorithm == "ppo" else result.state.params
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(policy)[0]]
+    assert paths and all("lora" in p for p in paths)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_init_from_continues_from_a_peft_adapter(lora_run, tiny_data_dir, tmp_path):
+    """`model.lora.init_from` loads the trained adapter: DPO's first loss is no longer log 2."""
+    _, workdir = lora_run("dpo")
+    config_file, settings = _settings("dpo")
+    settings = {**settings, "train.num_steps": 1, "model.lora.init_from": str(workdir / "adapter")}
+    run(tiny_config(config_file, tiny_data_dir, settings), tmp_path)
+    assert abs(_losses(tmp_path)[0] - math.log(2)) > 1e-4
