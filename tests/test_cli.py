@@ -186,3 +186,31 @@ def test_wandb_logging_is_optional_and_works_offline(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match=r"pip install wandb"):
         MetricWriter(tmp_path / "b", total_steps=1, progress_bar=False, wandb=options)
+
+
+def test_training_run_pushes_its_export_at_the_end(
+    tiny_data_dir, tiny_sft_settings, tmp_path, monkeypatch
+):
+    """The engine's end of run: `train.push_to_hub` uploads `hf/` with its final model card."""
+    import huggingface_hub
+    from test_multihost import tiny_config
+
+    from jaxalign.train import run
+
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "upload_folder",
+        lambda self, **kw: uploads.append(kw) or types.SimpleNamespace(commit_url="https://x/c/2"),
+    )
+    settings = {
+        **tiny_sft_settings,
+        "train.num_steps": 2,
+        "data.eval": "",
+        "train.push_to_hub": "me/tiny-sft",
+    }
+    result = run(tiny_config("sft_tiny.py", tiny_data_dir, settings), tmp_path / "run")
+    assert [u["repo_id"] for u in uploads] == ["me/tiny-sft"]
+    assert uploads[0]["folder_path"] == str(result.export_dir)
+    assert "| `loss` |" in (result.export_dir / "README.md").read_text()
