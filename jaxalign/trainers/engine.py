@@ -406,6 +406,32 @@ def run_training(
     )
 
 
+def jitted_update_step(
+    config: ml_collections.ConfigDict,
+    setup: RunSetup,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state_shardings: TrainState,
+    *,
+    frozen: Any = None,
+    frozen_shardings: Any = None,
+    key: str = "",
+) -> tuple[Callable, Any, LossFn]:
+    """`(jitted step, what it takes as `frozen`, the loss it runs)` for every trainer.
+
+    With LoRA the loss sees trainable ∪ frozen base params (under `params[key]` when the state
+    holds several models) and the base travels beside `frozen` (`RunSetup.bind_frozen`).
+    """
+    loss_fn, frozen, frozen_shardings = setup.bind_frozen(
+        loss_fn, frozen, frozen_shardings, key=key
+    )
+    step = make_train_step(
+        loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
+    )
+    return jit_train_step(step, state_shardings, setup.mesh, frozen_shardings), frozen, loss_fn
+
+
 def train_offline(
     config: ml_collections.ConfigDict,
     workdir: Path,
@@ -430,10 +456,15 @@ def train_offline(
         setup.rules,
         seed=config.seed,
     )
-    # LoRA: the loss sees trainable ∪ frozen base params; the base travels beside `frozen`.
-    loss_fn, frozen, frozen_shardings = setup.bind_frozen(loss_fn, frozen, frozen_shardings)
-    step = make_train_step(
-        loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
+    train_step, frozen, loss_fn = jitted_update_step(
+        config,
+        setup,
+        loss_fn,
+        tx,
+        schedule,
+        state_shardings,
+        frozen=frozen,
+        frozen_shardings=frozen_shardings,
     )
     return run_training(
         config=config,
@@ -441,7 +472,7 @@ def train_offline(
         mesh=setup.mesh,
         state=state,
         state_shardings=state_shardings,
-        train_step=jit_train_step(step, state_shardings, setup.mesh, frozen_shardings),
+        train_step=train_step,
         frozen=frozen,
         train_iterator=common.train_iterator(train_data, config),
         eval_step=jax.jit(make_eval_step(loss_fn)),

@@ -337,9 +337,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         seed=config.seed,
     )
     loss_fn = grpo_loss_fn(setup.model, grpo_cfg, chunk_size=config.model.logits_chunk_size or None)
-    loss_fn, frozen, frozen_shardings = setup.bind_frozen(loss_fn, None, None)
-    step = engine.make_train_step(
-        loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
+    update_step, frozen, _ = engine.jitted_update_step(
+        config, setup, loss_fn, tx, schedule, state_shardings
     )
     iteration = GRPOIteration(
         config=config,
@@ -349,7 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         reward_models=reward_models,
         prompts=prompts,
         iterator=iterator,
-        update_step=engine.jit_train_step(step, state_shardings, setup.mesh, frozen_shardings),
+        update_step=update_step,
         frozen=frozen,
     )
     return engine.run_training(

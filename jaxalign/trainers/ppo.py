@@ -426,9 +426,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         chunk_size=config.model.logits_chunk_size or None,
     )
     # LoRA: the policy's adapters train, its base rides beside the state (the critic trains fully).
-    loss_fn, frozen, frozen_shardings = setup.bind_frozen(loss_fn, None, None, key="policy")
-    step = engine.make_train_step(
-        loss_fn, tx, grad_accum_steps=config.optimizer.grad_accum_steps, schedule=schedule
+    update_step, frozen, _ = engine.jitted_update_step(
+        config, setup, loss_fn, tx, schedule, state_shardings, key="policy"
     )
     iteration = PPOIteration(
         config=config,
@@ -440,7 +439,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
         host_rewards=host_rewards,
         prompts=prompts,
         iterator=iterator,
-        update_step=engine.jit_train_step(step, state_shardings, setup.mesh, frozen_shardings),
+        update_step=update_step,
         kl_coef=KLCoefficient(ppo_cfg),
         frozen=frozen,
     )
