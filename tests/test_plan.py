@@ -18,6 +18,7 @@ import pytest
 from jaxalign import plan as planner
 from jaxalign import sharding as shd
 from jaxalign.config import base_config, validate
+from jaxalign.models import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -417,3 +418,26 @@ def test_printed_plan_shows_the_lora_saving():
     assert "frozen models (no reference)" in out and "frozen base (nf4 kernels)" in out
     assert re.search(r"LoRA saves \d+\.\d\d GiB per device vs full fine-tuning", out)
     assert out.splitlines()[-1] == planner.verdict_line(plan)
+
+
+def test_moe_activation_estimate_counts_k_expert_rows_and_the_dispatch_buffers():
+    # Hand-computed for E=64, k=2 of X=8 experts of width 96, fp32 (b=4), n = 4·128 tokens:
+    # the MLP terms see k·F_x = 192 per token, as a dense MLP of width 192 would, and the
+    # dispatch adds per token 4·k·E·b + 16·X = 2176 bytes working, 2·k·E·b + 8·X = 1088 kept.
+    common = dict(
+        vocab_size=64, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2
+    )
+    moe = ModelConfig(
+        **common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, dtype="float32"
+    )
+    dense = ModelConfig(**common, intermediate_size=192, dtype="float32")
+    n = 4 * 128
+    for policy, kept_extra in (("none", 1088), ("dots", 544), ("dots_no_batch", 544), ("full", 0)):
+        moe_working, moe_kept = planner.layer_activation_bytes(
+            moe.replace(remat_policy=policy), rows=4, seq_len=128, tensor=1
+        )
+        dense_working, dense_kept = planner.layer_activation_bytes(
+            dense.replace(remat_policy=policy), rows=4, seq_len=128, tensor=1
+        )
+        assert moe_working - dense_working == 2176 * n
+        assert moe_kept - dense_kept == kept_extra * n, policy
