@@ -13,7 +13,12 @@ from typing import Any
 
 import ml_collections
 
-from jaxalign.models.config import REMAT_POLICIES, SUPPORTED_MODEL_TYPES, ModelConfig
+from jaxalign.models.config import (
+    ATTENTION_IMPLS,
+    REMAT_POLICIES,
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+)
 
 ON_LONG_ROW_CHOICES = ("truncate", "skip", "error")
 
@@ -31,6 +36,18 @@ DEFAULT_LOGICAL_RULES = (
     # Mixture-of-experts kernels [X, E, F]: experts whole by default (embed/mlp shard them);
     # put e.g. ("expert", "fsdp") first for expert parallelism.
     ("expert", None),
+    # Activations (`jaxalign.sharding.ACTIVATION_AXES`, MaxText's names): batch over the
+    # data-parallel axes; heads, MLP hidden and vocab over tensor like their weights. The residual
+    # stream's embed dim stays whole: MaxText puts it on tensor (residual memory / tensor), which
+    # on a (1, 4, 2) mesh costs ~16 more all-gathers per step, and norm-scale reshuffles, here.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 
@@ -69,7 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.remat_policy = "none"  # activation rematerialisation (compute for memory)
     c.model.scan_layers = False  # run the layers as one nn.scan (faster compiles for deep models)
-    c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU flash attention)
+    # "auto" (TPU: splash; GPU: cudnn in bf16/fp16 without logit soft-cap, else xla; CPU: xla) |
+    # "xla" | "cudnn" (GPU flash attention) | "splash" (Pallas TPU kernel); see models/attention.py
+    c.model.attention_impl = "auto"
     c.model.logits_chunk_size = 0  # tokens per log-softmax chunk; 0 = whole sequence
     # Low-rank adapters (LoRA; QLoRA with a quantized base): only adapters train, and the
     # reference of DPO/PPO/GRPO is the base with adapters off (no second params tree).
@@ -94,7 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_prompt_length = 256  # prompt tokens kept (its end) in preference and prompt rows
     # Padded lengths batches may take (one compilation each).
     c.data.buckets = (64, 128, 256, 512, 1024, 2048, 4096)
-    c.data.pack = False  # SFT: pack several examples per row of max_length
+    # Pack several examples per row: SFT examples into rows of max_length; DPO and reward pairs
+    # into rows of max_length (two-row layout) or 2 * max_length (dpo.share_prompt).
+    c.data.pack = False
+    c.data.max_pairs_per_row = 16  # packed DPO / reward rows: pair slots per row (static shape)
     c.data.on_bad_row = "error"  # "error" | "skip" (counted and logged)
     # Rows longer than max_length: "truncate" (prompt keeps its end, responses are cut),
     # "skip" or "error"; truncated and skipped rows are counted in the start-up summary.
@@ -302,7 +324,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_choice(config, "model.dtype", DTYPES)
     _check_choice(config, "model.param_dtype", DTYPES)
     _check_choice(config, "model.remat_policy", REMAT_POLICIES)
-    _check_choice(config, "model.attention_impl", ("xla", "cudnn"))
+    _check_choice(config, "model.attention_impl", ATTENTION_IMPLS)
     _check_choice(config, "model.lora.quantization", ("none", "int8", "nf4"))
     _check(config.model.lora.rank >= 0, "model.lora.rank", "must be >= 0 (0 = off)")
     # qwix's LoRA dropout needs a per-step rng inside the model call, which the trainers' loss
@@ -319,6 +341,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     )
     _check_choice(config, "data.on_bad_row", ("error", "skip"))
     _check_choice(config, "data.on_long_row", ON_LONG_ROW_CHOICES)
+    _check(
+        not config.data.pack or config.algorithm in ("sft", "dpo", "reward"),
+        "data.pack",
+        f"packs sft, dpo and reward data; {config.algorithm} samples its responses",
+    )
     _check_choice(config, "train.wandb_mode", ("online", "offline"))
     _check(config.train.num_epochs >= 0, "train.num_epochs", "must be >= 0 (0: use num_steps)")
     _check(0 <= config.optimizer.warmup_ratio < 1, "optimizer.warmup_ratio", "must be in [0, 1)")
@@ -338,6 +365,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         "train.checkpoint_every",
         "train.max_consecutive_nonfinite",
         "data.max_length",
+        "data.max_pairs_per_row",
     ):
         section, name = key.split(".")
         value = config[section][name]
@@ -375,6 +403,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         "mesh.axis_names",
         "must include 'data', 'fsdp' and 'tensor'",
     )
+    _validate_logical_rules(config.mesh)
     if num_devices is not None:
         axes = mesh_axis_sizes(config.mesh, num_devices)
         shape = tuple(axes.values())
@@ -404,6 +433,33 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if config.algorithm == "grpo":
         _validate_grpo(config.grpo)
     _check(bool(config.data.train), "data.train", "is required")
+
+
+def _validate_logical_rules(mesh_config: ml_collections.ConfigDict) -> None:
+    """Rules are `(logical_name, mesh_axes)` pairs over known mesh axes, with every activation
+    name the model constrains."""
+    from jaxalign.sharding import ACTIVATION_AXES
+
+    names = set(mesh_config.axis_names)
+    for rule in mesh_config.logical_rules:
+        _check(
+            len(rule) == 2 and isinstance(rule[0], str),
+            "mesh.logical_rules",
+            f"{rule!r} is not a (logical_name, mesh_axes) pair",
+        )
+        axes = () if rule[1] is None else (rule[1],) if isinstance(rule[1], str) else rule[1]
+        _check(
+            set(axes) <= names,
+            "mesh.logical_rules",
+            f"{rule!r} names mesh axes outside mesh.axis_names {tuple(mesh_config.axis_names)}",
+        )
+    named = {rule[0] for rule in mesh_config.logical_rules}
+    missing = [name for name in ACTIVATION_AXES if name not in named]
+    _check(
+        not missing,
+        "mesh.logical_rules",
+        f"has no rule for activation axes {missing} (see config.DEFAULT_LOGICAL_RULES)",
+    )
 
 
 def _validate_grpo(grpo: ml_collections.ConfigDict) -> None:

@@ -10,8 +10,9 @@ Shapes: B batch, P prompt length (a bucket), N = `max_new_tokens`, V vocab.
 
 Prompts are left-padded (`jaxalign.data` prompt batches), so every row's last prompt token sits in
 column P-1 and generated tokens append on the right. The whole decode is one `jax.jit` of fixed
-shapes: prefill the `[B, P]` prompt into a cache of P+N slots, then a `lax.while_loop` of
-one-token steps that stops as soon as every row has emitted EOS. Each row samples with its own key
+shapes: prefill the `[B, P]` prompt into a cache of P+N slots (sliding-window layers keep a ring
+of min(W, P+N), `jaxalign.models.kv_cache`), then a `lax.while_loop` of one-token steps that stops
+as soon as every row has emitted EOS. Each row samples with its own key
 (`fold_in(rng, row)` then `fold_in(key, step)`), so a row's tokens do not depend on which other rows
 share its batch or on how the batch is sharded. Sharding is left to propagation from the inputs:
 shard the batch's leading dim over the data axes and the params as for training.
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models import KVCache, init_cache, sequence_token_logprobs
+from jaxalign.models.kv_cache import window_length
 from jaxalign.models.transformer import softcap
 
 Array = jax.Array
@@ -164,26 +166,33 @@ def _knobs(config: SamplingConfig, vocab_size: int) -> _Knobs:
     )
 
 
-def _repeat_cache(cache: KVCache, num_generations: int, max_length: int) -> KVCache:
+def _repeat_cache(
+    cache: KVCache, num_generations: int, max_length: int, window_slots: int
+) -> KVCache:
     """A prefilled cache of P rows as P·G rows (each row G times in a row, `jnp.repeat` order),
-    its slot axis padded with empty slots to `max_length`."""
+    its slot axes padded with empty slots: to `max_length`, and the sliding-window layers' rings
+    to `window_slots` = min(W, max_length). A ring prefilled with P < W tokens holds token i at
+    slot i = i mod W, so padding it keeps its layout; with P >= W it is already W slots long."""
 
-    def grow(x: Array, batch_axis: int, slot_axis: int) -> Array:
-        pad = [(0, 0)] * x.ndim
-        pad[slot_axis] = (0, max_length - x.shape[slot_axis])
-        return jnp.repeat(jnp.pad(x, pad), num_generations, axis=batch_axis)
+    def grow(arrays: Any, length: int) -> Any:
+        """Keys/values are [L, B, K, S, D] stacked (scan_layers) or tuples of [B, K, S, D], segment
+        ids and positions [B, S]: batch axis -4 or 0, slot axis -2 or 1; None if no such layers."""
 
-    # Keys/values are [L, B, K, S, D] stacked (scan_layers) or a tuple of [B, K, S, D].
-    if isinstance(cache.keys, tuple):
-        keys = tuple(grow(k, 0, 2) for k in cache.keys)
-        values = tuple(grow(v, 0, 2) for v in cache.values)
-    else:
-        keys, values = grow(cache.keys, 1, 3), grow(cache.values, 1, 3)
+        def one(x: Array) -> Array:
+            batch_axis, slot_axis = (-4, -2) if x.ndim >= 4 else (0, 1)
+            pad = [(0, 0)] * x.ndim
+            pad[slot_axis] = (0, length - x.shape[slot_axis])
+            return jnp.repeat(jnp.pad(x, pad), num_generations, axis=batch_axis)
+
+        return jax.tree.map(one, arrays)
+
     return KVCache(
-        keys=keys,
-        values=values,
-        segment_ids=grow(cache.segment_ids, 0, 1),
-        positions=grow(cache.positions, 0, 1),
+        keys=grow(cache.keys, max_length),
+        values=grow(cache.values, max_length),
+        window_keys=grow(cache.window_keys, window_slots),
+        window_values=grow(cache.window_values, window_slots),
+        segment_ids=grow(cache.segment_ids, max_length),
+        positions=grow(cache.positions, max_length),
         index=cache.index,
     )
 
@@ -233,7 +242,8 @@ def _decode(
     )
     last_logits = softcap(last_logits, model.config.final_logit_softcap)
     if shared:
-        cache = _repeat_cache(cache, num_generations, max_length)
+        window_slots = window_length(model.config, max_length)
+        cache = _repeat_cache(cache, num_generations, max_length, window_slots)
         last_logits = jnp.repeat(last_logits, num_generations, axis=0)
     token, logprob = sample(last_logits, step_keys(0))
 

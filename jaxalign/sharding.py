@@ -24,12 +24,20 @@ Usage (big_vision style, params are born sharded)::
         lambda rng: model.init(rng, dummy_tokens)["params"], mesh, config.mesh.logical_rules, rng
     )
     batch = shard_batch(local_numpy_batch, mesh)
+
+Activations are constrained the same way, by logical names (``activation_batch``,
+``activation_embed``, ...; ``ACTIVATION_AXES``) that ``constrain`` resolves against the rules of
+the enclosing ``activation_context(mesh, rules)``. The engine enters that context around every
+step it runs, so the model's constraints apply wherever a step is traced; outside it (single-device
+use, tests, tools) ``constrain`` is the identity.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,6 +50,25 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
+# Logical names of activation dims, used by the model's `constrain` calls; every rule table needs
+# a rule for each (`config.validate` checks). Shapes: residual stream `[B·T, E]`, q/k/v and
+# attention output `[B, T, H|K, D]`, MLP hidden `[B·T, F]`, logits `[B, T, V]`.
+ACTIVATION_AXES: tuple[str, ...] = (
+    "activation_batch",
+    "activation_length",
+    "activation_embed",
+    "activation_heads",
+    "activation_kv_heads",
+    "activation_head_dim",
+    "activation_mlp",
+    "activation_vocab",
+)
+
+# `(mesh, rules)` of the innermost `activation_context`; None outside one.
+_ACTIVATION_CONTEXT: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
+    "jaxalign_activation_context", default=None
+)
 
 
 def _is_box(x: Any) -> bool:
@@ -360,3 +387,78 @@ def init_sharded(
     shardings = param_shardings(abstract, mesh, rules)
     values = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return values, shardings
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Makes ``mesh`` the ambient mesh and ``rules`` the activation rules while a step is traced.
+
+    Inside it, ``constrain`` pins activations to ``NamedSharding(mesh, rules(names))`` and
+    ``jax.sharding.get_abstract_mesh()`` returns ``mesh`` (what ``jax.shard_map`` kernels read).
+    Enter it outside ``jax.jit``, around the call that traces (``jax.set_mesh`` refuses to be
+    entered inside a trace). The mesh is part of jit's cache key, so a function traced outside
+    the context is traced again inside it rather than reusing the unconstrained program.
+
+    Args:
+      mesh: the device mesh the step runs on.
+      rules: logical rule table (``config.mesh.logical_rules``), with rules for ``ACTIVATION_AXES``.
+    """
+    token = _ACTIVATION_CONTEXT.set((mesh, tuple(rules)))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _ACTIVATION_CONTEXT.reset(token)
+
+
+def activation_rules() -> Rules | None:
+    """The rules of the enclosing ``activation_context``; None outside one."""
+    context = _ACTIVATION_CONTEXT.get()
+    return None if context is None else context[1]
+
+
+def in_activation_context(fn: Callable[..., Any], mesh: Mesh, rules: Rules) -> Callable[..., Any]:
+    """``fn`` whose every call runs inside ``activation_context(mesh, rules)``.
+
+    Wrap the host-side callable that invokes (and so traces) jitted steps, e.g. the engine's
+    per-batch iteration, rather than the jitted function itself.
+    """
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with activation_context(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """``x`` pinned to the sharding its logical axes name, or ``x`` itself outside a context.
+
+    A dim whose size does not divide by its mesh axes (one kv head over ``tensor=2``, a decode
+    batch of 1) is left to XLA's propagation instead of being padded.
+
+    Args:
+      x: an activation, e.g. the residual stream ``[B·T, E]``.
+      logical_axes: one logical name (``ACTIVATION_AXES`` for activations; a weight's own names
+        for a weight) or ``None`` (replicated) per dim of ``x``.
+
+    Returns:
+      ``x`` under ``jax.lax.with_sharding_constraint`` (an identity on values).
+    """
+    context = _ACTIVATION_CONTEXT.get()
+    if context is None:
+        return x
+    mesh, rules = context
+    spec = logical_to_mesh_axes(logical_axes, rules)
+    spec = PartitionSpec(
+        *(
+            axes
+            if size % math.prod(mesh.shape[a] for a in _as_tuple(axes)) == 0
+            else PartitionSpec.UNCONSTRAINED
+            for size, axes in zip(x.shape, spec, strict=True)
+        )
+    )
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -97,8 +97,8 @@ def test_logits_match_transformers_and_round_trip(checkpoints, tmp_path, arch, h
 @pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("arch", ARCHES)
 def test_kv_cache_decode_equals_full_forward(checkpoints, arch, scan):
-    """Left-padded prompts, then one token at a time, well past the window of 4: every layer keeps
-    a full cache and the sliding layers' mask hides what left their window."""
+    """Left-padded prompts, then one token at a time, well past the window of 4: the sliding
+    layers keep rings of 4 slots (`jaxalign.models.kv_cache`), which wrap."""
     model, params = from_pretrained(checkpoints[(arch, "lm")], scan_layers=scan)
     rng = np.random.default_rng(1)
     prompt_len, new_tokens = 6, 7

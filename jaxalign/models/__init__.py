@@ -14,14 +14,13 @@ from jaxalign.models.config import (
     to_hf_config,
 )
 from jaxalign.models.hf import CheckpointError, from_pretrained, nn_unbox, save_pretrained
+from jaxalign.models.kv_cache import KVCache, init_cache
 from jaxalign.models.logprobs import sequence_token_logprobs, token_logprobs_from_hidden
 from jaxalign.models.tokenizer import load_tokenizer
 from jaxalign.models.transformer import (
-    KVCache,
     Transformer,
     default_positions,
     gather_last_token,
-    init_cache,
     last_token_index,
 )
 

@@ -48,6 +48,8 @@ _HF_MODEL_TYPE_ALIASES = {"gemma3": "gemma3_text"}
 LAYER_TYPES = ("full_attention", "sliding_attention")
 _GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# "auto" resolves per backend; see jaxalign.models.attention.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 HEAD_TYPES = ("lm", "scalar")
 
 logger = logging.getLogger(__name__)
@@ -115,7 +117,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # master params
     remat_policy: str = "none"
     scan_layers: bool = False
-    attention_impl: str = "xla"  # "xla" (einsum, any backend) | "cudnn" (fused, GPU bf16)
+    # "auto" | "xla" (einsum, any backend) | "cudnn" (fused, GPU bf16) | "splash" (Pallas, TPU)
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -131,8 +134,8 @@ class ModelConfig:
             raise ValueError(f"remat_policy={self.remat_policy!r}; allowed: {REMAT_POLICIES}")
         if self.head not in HEAD_TYPES:
             raise ValueError(f"head={self.head!r}; allowed: {HEAD_TYPES}")
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}; allowed: xla, cudnn")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; allowed: {ATTENTION_IMPLS}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
                 raise ValueError(
@@ -149,7 +152,10 @@ class ModelConfig:
         if self.num_experts and self.moe_intermediate_size <= 0:
             raise ValueError("a mixture-of-experts config needs moe_intermediate_size > 0")
         if self.attn_logit_softcap and self.attention_impl == "cudnn":
-            raise ValueError("attention_impl='cudnn' has no attention-logit soft-capping")
+            raise ValueError(
+                "attention_impl='cudnn' has no attention-logit soft-capping; use 'auto' (picks xla "
+                "on GPU for soft-capped models), 'xla' or 'splash'"
+            )
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

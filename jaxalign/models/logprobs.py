@@ -107,9 +107,9 @@ def sequence_token_logprobs(
     column 0 is 0 (nothing predicts the first token). Multiply by a response mask and sum to get
     sequence log-probs. `entropy` is None when `with_entropy=False`.
 
-    With `branch_ids` (a trunk of 0s at the start of each row, then branches 1, 2, ...; see
-    `Transformer`), x_<t means the tokens x_t attends to: the first token of a branch that follows
-    another branch is predicted from the trunk's last token (one extra `[B, V]` logit row).
+    With `branch_ids` (a trunk of 0s, then branches 1, 2, ...; see `Transformer`; a packed row
+    repeats this once per segment), x_<t means the tokens x_t attends to: the first token of a
+    branch that follows another branch is predicted from the last trunk token before it.
 
     `with_mean_logit=True` appends each token's mean logit over the vocabulary `[B, T]` (TRL's
     `logits/chosen` metric). `return_router_stats=True` then appends the forward's
@@ -125,33 +125,31 @@ def sequence_token_logprobs(
     )
     hidden, stats = hidden if return_router_stats else (hidden, None)
     output_embedding = model.apply(variables, method="output_embedding")
-    head = dict(
-        temperature=temperature,
-        with_entropy=with_entropy,
-        logit_softcap=model.config.final_logit_softcap,
-        with_mean_logit=with_mean_logit,
-    )
+    predicting = hidden[:, :-1]  # token t is predicted from the hidden state at t - 1 ...
+    if branch_ids is not None:
+        # ... except a branch's first token after another branch: from the last trunk token.
+        index = jnp.arange(input_ids.shape[1])
+        follows_trunk = (
+            (branch_ids[:, 1:] != 0)
+            & (branch_ids[:, :-1] != 0)
+            & (branch_ids[:, 1:] != branch_ids[:, :-1])
+        )  # [B, T - 1], for tokens 1..T-1
+        is_trunk = (branch_ids == 0) & (attention_mask != 0)
+        last_trunk = jax.lax.cummax(jnp.where(is_trunk, index, 0), axis=1)[:, :-1]
+        source = jnp.where(follows_trunk, last_trunk, index[:-1])
+        predicting = jnp.take_along_axis(hidden, source[..., None], axis=1)
     pad = ((0, 0), (1, 0))
-    per_token = [
+    per_token = tuple(
         None if x is None else jnp.pad(x, pad)
         for x in token_logprobs_from_hidden(
-            hidden[:, :-1], output_embedding, input_ids[:, 1:], chunk_size=chunk_size, **head
-        )
-    ]  # logprobs, entropy (or None)[, mean_logit]
-    if branch_ids is not None:
-        previous = jnp.pad(branch_ids[:, :-1], pad)
-        follows_trunk = (branch_ids != 0) & (previous != 0) & (branch_ids != previous)  # [B, T]
-        trunk_len = ((branch_ids == 0) & (attention_mask != 0)).sum(-1)
-        last_trunk = jnp.maximum(trunk_len - 1, 0)
-        # One branch start per row is rerouted (the layouts here have two branches).
-        rerouted = token_logprobs_from_hidden(
-            jnp.take_along_axis(hidden, last_trunk[:, None, None], axis=1),
+            predicting,
             output_embedding,
-            (input_ids * follows_trunk).sum(-1, keepdims=True),
-            **head,
+            input_ids[:, 1:],
+            chunk_size=chunk_size,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            logit_softcap=model.config.final_logit_softcap,
+            with_mean_logit=with_mean_logit,
         )
-        per_token = [
-            x if x is None else jnp.where(follows_trunk, r, x)
-            for x, r in zip(per_token, rerouted, strict=True)
-        ]
+    )  # logprobs, entropy (or None)[, mean_logit]
     return (*per_token, stats) if return_router_stats else tuple(per_token)

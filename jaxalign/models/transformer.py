@@ -16,50 +16,36 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxalign import sharding as shd
+from jaxalign.models.attention import (
+    SegmentMask,
+    branch_window_unsupported,
+    dense_mask_impl,
+    log_once,
+    resolve_attention_impl,
+    splash_attention,
+    window_binds,
+)
 from jaxalign.models.config import ModelConfig, llama_scaled_inv_freq, yarn_scaled_inv_freq
+from jaxalign.models.kv_cache import CacheView, KVCache, cache_view, cached_attention, next_cache
 from jaxalign.models.moe import MoeMLP, RouterStats
 
 Array = jax.Array
 
 _INIT_STD = 0.02
 
-
-@flax.struct.dataclass
-class KVCache:
-    """Decode state: keys/values of every layer and the slots' segment ids and positions.
-
-    Keys and values are heads-major, the layout attention reads: with `scan_layers` one stacked
-    `[L, B, K, S, D]` array each (scanned over L), otherwise a tuple of L `[B, K, S, D]` arrays,
-    which a decode loop updates in place without slicing or restacking.
-    """
-
-    keys: Array | tuple[Array, ...]
-    values: Array | tuple[Array, ...]
-    segment_ids: Array  # [B, S] int32, 0 = empty or padding
-    positions: Array  # [B, S] int32
-    index: Array  # [] int32, the next slot to write
-
-
-def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-    """An empty cache with room for `max_length` tokens (prompt + generated)."""
-    shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
-    dtype = jnp.dtype(dtype or config.dtype)
-    if config.scan_layers:
-        keys = values = jnp.zeros((config.num_layers, *shape), dtype)
-    else:
-        keys = values = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    return KVCache(
-        keys=keys,
-        values=values,
-        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
-        positions=jnp.zeros((batch_size, max_length), jnp.int32),
-        index=jnp.zeros((), jnp.int32),
-    )
+# Logical names under which `shd.constrain` pins activations inside `shd.activation_context` (and
+# does nothing outside one). The residual stream `[B·T, E]` is named as tokens sharded like the
+# batch (B is the major dim of B·T); see `jaxalign.sharding.ACTIVATION_AXES`.
+_STREAM = ("activation_batch", "activation_embed")
+_Q_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+_KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+_MLP_HIDDEN = ("activation_batch", "activation_mlp")
+_LOGITS = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def default_positions(attention_mask: Array) -> Array:
@@ -238,6 +224,53 @@ def dot_product_attention(
     return out.reshape(batch, q_len, heads, dim)
 
 
+def splash_layer_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    segments: SegmentMask,
+    config: ModelConfig,
+    is_sliding: Array | bool,
+    scale: float | None,
+) -> Array:
+    """One layer's cache-free attention by splash (`jaxalign.models.attention`), `[B, T, H, D]`.
+
+    The layer's window is static, except for the scanned (or rematerialised) layers of a
+    mixed-attention model whose traced `is_sliding` picks one of two kernels by `lax.cond`. Where
+    splash cannot express the mask (branch ids with a binding window) the layer falls back to the
+    xla path with the dense `mask`, which `Transformer` then builds.
+    """
+
+    def attend(window: int | None) -> Array:
+        if branch_window_unsupported(segments, window):
+            log_once(
+                "attention_impl=splash: sliding-window layers of shared-prompt rows (branch_ids) "
+                f"longer than the window ({window}) use the xla path"
+            )
+            return dot_product_attention(
+                q, k, v, mask, "xla", scale=scale, logit_softcap=config.attn_logit_softcap
+            )
+        return splash_attention(
+            q,
+            k,
+            v,
+            segments,
+            sliding_window=window,
+            scale=scale,
+            logit_softcap=config.attn_logit_softcap,
+        )
+
+    window = config.sliding_window
+    if not window_binds(window, q.shape[1]):
+        return attend(None)
+    if not config.mixed_attention:
+        return attend(window)
+    if isinstance(is_sliding, bool):
+        return attend(window if is_sliding else None)
+    return jax.lax.cond(is_sliding, lambda: attend(window), lambda: attend(None))
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped kv heads, RoPE, optional q/k norm and a KV cache."""
 
@@ -249,13 +282,21 @@ class Attention(nn.Module):
         x: Array,
         mask: Array,
         rope: tuple[Array, Array] | None,
-        layer_cache: tuple[Array, Array] | None,
-        cache_index: Array | None,
+        cache_layer: Array | None,
+        cache: CacheView | None,
+        segments: SegmentMask | None = None,
+        is_sliding: Array | bool = False,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """`x` is `[B·T, E]` (the mask `[B, 1, T, S]` gives B and T); `layer_cache` is this
-        layer's `([B, K, S, D], [B, K, S, D])` keys and values, written at slot `cache_index`."""
+        """`x` is `[B·T, E]` (the mask `[B, 1, T, S]`, or `segments`, gives B and T);
+        `cache` is the KV cache as this layer sees it, with `cache_layer` the layer's traced index
+        when the layers are scanned; its masks replace `mask`, and the updated cache arrays are
+        returned beside the output (`kv_cache.cached_attention`). `segments` (splash, no cache) replaces the dense mask, which is
+        then None unless this layer falls back to the xla path (`splash_layer_attention`)."""
         c = self.config
-        batch, q_len = mask.shape[0], mask.shape[2]
+        if mask is not None:
+            batch, q_len = mask.shape[0], mask.shape[2]
+        else:
+            batch, q_len = segments.segment_ids.shape
         dense = functools.partial(
             nn.DenseGeneral,
             axis=-1,
@@ -278,6 +319,8 @@ class Attention(nn.Module):
             x
         )
         q, k, v = (y.reshape(batch, q_len, *y.shape[1:]) for y in (q, k, v))
+        q = shd.constrain(q, _Q_HEADS)
+        k, v = shd.constrain(k, _KV_HEADS), shd.constrain(v, _KV_HEADS)
         if c.qk_norm:
             q = Norm(c, axis_name="head_dim", name="q_norm")(q)
             k = Norm(c, axis_name="head_dim", name="k_norm")(k)
@@ -286,18 +329,19 @@ class Attention(nn.Module):
             k = apply_rope(k, *rope)
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, T, D]
         new_cache = None
-        if layer_cache is not None:
-            new_cache = tuple(
-                jax.lax.dynamic_update_slice_in_dim(
-                    cached, new.astype(cached.dtype), cache_index, 2
-                )
-                for cached, new in zip(layer_cache, (k, v), strict=True)
-            )
-            k, v = (cached.astype(q.dtype) for cached in new_cache)
         scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
-        out = dot_product_attention(
-            q, k, v, mask, c.attention_impl, scale=scale, logit_softcap=c.attn_logit_softcap
-        )
+        if segments is not None and cache is None:
+            out = splash_layer_attention(q, k, v, mask, segments, c, is_sliding, scale)
+        else:  # the KV-cache path of splash is xla's
+            impl = dense_mask_impl(c, cached=cache is not None, seq_len=q_len)
+            attend = functools.partial(
+                dot_product_attention, impl=impl, scale=scale, logit_softcap=c.attn_logit_softcap
+            )
+            if cache is None:
+                out = attend(q, k, v, mask)
+            else:
+                out, new_cache = cached_attention(q, k, v, cache, cache_layer, attend)
+        out = shd.constrain(out, _Q_HEADS)
         out = out.reshape(batch * q_len, *out.shape[2:])
         out = nn.DenseGeneral(
             c.hidden_size,
@@ -336,8 +380,11 @@ class MLP(nn.Module):
         if c.mlp_type == "gated":
             hidden = act(dense(c.intermediate_size, name="gate", **up_init)(x))
             hidden = hidden * dense(c.intermediate_size, name="up", **up_init)(x)
+            hidden = shd.constrain(hidden, _MLP_HIDDEN)
             return dense(c.hidden_size, name="down", **down_init)(hidden)
-        hidden = act(dense(c.intermediate_size, name="fc", **up_init)(x))
+        hidden = shd.constrain(
+            act(dense(c.intermediate_size, name="fc", **up_init)(x)), _MLP_HIDDEN
+        )
         return dense(c.hidden_size, name="proj", **down_init)(hidden)
 
 
@@ -360,10 +407,11 @@ class DecoderLayer(nn.Module):
         x: Array,
         mask: Array | tuple[Array, Array],
         rope: Any,
-        layer_cache: tuple[Array, Array] | None,
-        cache_index: Array | None,
+        cache_layer: Array | None,
+        cache: CacheView | None,
         token_mask: Array,
         is_sliding: Array | bool = False,
+        segments: SegmentMask | None = None,
     ) -> tuple[Array, tuple[tuple[Array, Array] | None, RouterStats | None]]:
         c = self.config
         if c.mixed_attention:
@@ -372,7 +420,13 @@ class DecoderLayer(nn.Module):
             )
             mask, rope = pick(mask), pick(rope)
         attn_out, new_cache = Attention(c, name="attn")(
-            Norm(c, name="input_norm")(x), mask, rope, layer_cache, cache_index
+            Norm(c, name="input_norm")(x),
+            mask,
+            rope,
+            cache_layer,
+            cache,
+            segments,
+            is_sliding,
         )
         if c.post_norms:
             attn_out = Norm(c, name="post_attn_norm")(attn_out)
@@ -388,7 +442,7 @@ class DecoderLayer(nn.Module):
             mlp_out = MLP(c, name="mlp")(mlp_in)
         if c.post_norms:
             mlp_out = Norm(c, name="post_mlp_norm")(mlp_out)
-        return x + mlp_out, (new_cache, stats)
+        return shd.constrain(x + mlp_out, _STREAM), (new_cache, stats)
 
 
 _REMAT_POLICIES = {
@@ -398,11 +452,26 @@ _REMAT_POLICIES = {
 }
 
 
+class _ScannedDecoderLayer(DecoderLayer):
+    """`DecoderLayer` as `nn.scan` runs it: the carry is `(x, stacks)`, the residual stream and the
+    KV cache's stacks (None without a cache), which each layer updates in place at its own slots
+    (`kv_cache.KVCache`); stacks of different shapes (a mixed model's) cannot be scanned over."""
+
+    @nn.compact
+    def __call__(self, carry, mask, rope, cache_layer, cache, *rest):
+        x, stacks = carry
+        if cache is not None:
+            cache = cache.with_stacks(stacks)
+        x, (stacks, stats) = super().__call__(x, mask, rope, cache_layer, cache, *rest)
+        return (x, stacks), (None, stats)
+
+
 def _layer_class(config: ModelConfig) -> type[nn.Module]:
+    layer = _ScannedDecoderLayer if config.scan_layers else DecoderLayer
     if config.remat_policy == "none":
-        return DecoderLayer
+        return layer
     return nn.remat(
-        DecoderLayer,
+        layer,
         policy=_REMAT_POLICIES[config.remat_policy],
         prevent_cse=not config.scan_layers,
     )
@@ -450,7 +519,15 @@ class Transformer(nn.Module):
                 layer,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0),
+                in_axes=(
+                    nn.broadcast,
+                    nn.broadcast,
+                    0,
+                    nn.broadcast,
+                    nn.broadcast,
+                    0,
+                    nn.broadcast,
+                ),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, name="layers")
@@ -500,7 +577,10 @@ class Transformer(nn.Module):
                 positions = positions + (cache.segment_ids != 0).sum(-1, keepdims=True)
         positions = positions.astype(jnp.int32)
 
-        x = self.embed(input_ids)
+        # The table whole along embed (an FSDP gather of a weight) before the lookup: sharded on
+        # embed, XLA would look up every token of the global batch on every device instead.
+        table = shd.constrain(self.embed.embedding, ("vocab", None))
+        x = jnp.take(table.astype(jnp.dtype(c.dtype)), input_ids, axis=0)
         if c.scale_embeddings:
             x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
         if c.position_embedding == "learned":
@@ -508,20 +588,17 @@ class Transformer(nn.Module):
         # The residual stream is [B·T, E]: XLA:CPU runs 2-D matmuls markedly faster than the same
         # products on [B, T, E] operands, and on accelerators the reshape is free.
         batch, seq_len = input_ids.shape
-        x = x.reshape(batch * seq_len, c.hidden_size)
+        x = shd.constrain(x.reshape(batch * seq_len, c.hidden_size), _STREAM)
 
         query_index = jnp.arange(input_ids.shape[1])
         if cache is None:
-            kv_segments, kv_positions, cache_index = attention_mask, positions, None
+            kv_segments, kv_positions, view = attention_mask, positions, None
         else:
-            cache_index = cache.index
-            query_index = query_index + cache_index
-            kv_segments = jax.lax.dynamic_update_slice_in_dim(
-                cache.segment_ids, attention_mask, cache_index, 1
-            )
-            kv_positions = jax.lax.dynamic_update_slice_in_dim(
-                cache.positions, positions, cache_index, 1
-            )
+            # Attention takes its masks from the view, sliding-window layers over their rings
+            # (`jaxalign.models.kv_cache`); the layers' `mask` below then only gives B and T.
+            view = cache_view(c, cache, attention_mask, positions, attention_mask_4d)
+            query_index = query_index + cache.index
+            kv_segments, kv_positions = view.segment_ids, view.positions
         mask_of = functools.partial(
             attention_mask_4d,
             attention_mask,
@@ -531,11 +608,15 @@ class Transformer(nn.Module):
             kv_positions,
             branch_ids=branch_ids,
         )
+        segments = None
+        if cache is None and resolve_attention_impl(c) == "splash":
+            segments = SegmentMask(attention_mask, branch_ids)
+            if not branch_window_unsupported(segments, c.sliding_window):
+                mask_of = lambda window: None  # noqa: E731 (splash builds the mask blockwise)
         rope = None
         if c.position_embedding == "rope":
             rope = rope_tables(positions, rope_inv_freq(c), c.rope_attention_factor)
         if c.mixed_attention:
-            # Full caches for every layer: sliding layers see their window through the mask.
             mask = (mask_of(None), mask_of(c.sliding_window))
             local_rope = rope
             if c.local_rope_theta is not None:
@@ -548,25 +629,34 @@ class Transformer(nn.Module):
         token_mask = (attention_mask != 0).reshape(-1)
 
         if c.scan_layers:
-            layer_caches = None if cache is None else (cache.keys, cache.values)
-            x, (new_layer_caches, stats) = self.layers(
-                x, mask, rope, layer_caches, cache_index, token_mask, jnp.asarray(is_sliding)
+            # The cache's stacks ride in the carry (`_ScannedDecoderLayer`), the view without them
+            # is broadcast, and each layer gets its index.
+            cache_layers, carried = None, None
+            if cache is not None:
+                cache_layers, carried = jnp.arange(c.num_layers), view.stacks
+                view = view.with_stacks(None)
+            (x, new_layer_caches), (_, stats) = self.layers(
+                (x, carried),
+                mask,
+                rope,
+                cache_layers,
+                view,
+                token_mask,
+                jnp.asarray(is_sliding),
+                segments,
             )
             if stats is not None:
                 stats = jax.tree.map(lambda s: s.sum(0), stats)
         else:
-            new_keys, new_values, layer_stats = [], [], []
+            new_layer_caches, layer_stats = [], []
             for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+                layer_view = None if cache is None else view.layer_view(i)
                 x, (new_layer_cache, stats) = layer(
-                    x, mask, rope, layer_cache, cache_index, token_mask, is_sliding[i]
+                    x, mask, rope, None, layer_view, token_mask, is_sliding[i], segments
                 )
-                if new_layer_cache is not None:
-                    new_keys.append(new_layer_cache[0])
-                    new_values.append(new_layer_cache[1])
+                new_layer_caches.append(new_layer_cache)
                 if stats is not None:
                     layer_stats.append(stats)
-            new_layer_caches = (tuple(new_keys), tuple(new_values))
             stats = functools.reduce(RouterStats.__add__, layer_stats) if layer_stats else None
         hidden = self.final_norm(x)
 
@@ -580,16 +670,9 @@ class Transformer(nn.Module):
                 self.output_embedding().astype(hidden.dtype),
                 preferred_element_type=jnp.float32,
             ).reshape(batch, seq_len, -1)
-            out = softcap(out, c.final_logit_softcap)
+            out = softcap(shd.constrain(out, _LOGITS), c.final_logit_softcap)
         if return_router_stats:
             return out, stats
         if cache is None:
             return out
-        new_cache = KVCache(
-            keys=new_layer_caches[0],
-            values=new_layer_caches[1],
-            segment_ids=kv_segments,
-            positions=kv_positions,
-            index=cache.index + input_ids.shape[1],
-        )
-        return out, new_cache
+        return out, next_cache(view, new_layer_caches, seq_len)

@@ -265,6 +265,12 @@ def run_training(
         def iteration(state, local_batch):
             return train_step(state, shd.shard_batch(local_batch, mesh), frozen)
 
+    # Steps (and an online iteration's rollout and scoring) are traced with the mesh and the
+    # activation rules in context, so the model's activation sharding constraints apply.
+    iteration = shd.in_activation_context(iteration, mesh, config.mesh.logical_rules)
+    if eval_step is not None:
+        eval_step = shd.in_activation_context(eval_step, mesh, config.mesh.logical_rules)
+
     train_cfg = config.train
     checkpointer = ckpt.Checkpointer(
         workdir / "checkpoints",
