@@ -32,6 +32,15 @@ Shared-prompt preference batch (right padded; the prompt once per pair)::
   chosen_loss_mask, rejected_loss_mask   float32 [B, T]  1 on that response's tokens
   reference_chosen_logps, reference_rejected_logps  (as above, optional)
 
+Packed preference batch (either layout above, built from `pack_preference_pairs` rows and collated
+with `max_pairs=K`): a row holds up to K pairs one after another, pair k (0-based) as segment k + 1
+of `*attention_mask` with positions restarting at 0 (two-row layout: pair k's chosen sequence is
+segment k + 1 of the chosen row and its rejected sequence segment k + 1 of the rejected row)::
+
+  pair_mask                                         float32 [B, K]  1 on the row's pairs, 0 on
+                                                                    empty slots
+  reference_chosen_logps, reference_rejected_logps  float32 [B, K]  (optional, 0 on empty slots)
+
 Prompt batch (left padded, so generation appends on the right)::
 
   prompt_input_ids, prompt_attention_mask, prompt_positions       int32   [B, P]
@@ -93,6 +102,32 @@ class Buckets:
 # Packing.
 
 
+def _best_fit(
+    sizes: Sequence[int], *, length: int, max_items: int | None = None
+) -> list[list[int]]:
+    """Indices of the items of each row, best-fit decreasing; each row in index order.
+
+    Longest first, each item goes into the open row with the least room that still fits it (a new
+    row if none does); a row holding `max_items` items is closed. Deterministic.
+    """
+    if sizes and max(sizes) > length:
+        raise ValueError(f"an example of {max(sizes)} tokens does not fit a packed row of {length}")
+    rows: list[list[int]] = []
+    open_rows: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        slot = bisect.bisect_left(open_rows, (sizes[index], -1))
+        if slot == len(open_rows):
+            rows.append([index])
+            room, row_index = length - sizes[index], len(rows) - 1
+        else:
+            room, row_index = open_rows.pop(slot)
+            rows[row_index].append(index)
+            room -= sizes[index]
+        if room > 0 and (max_items is None or len(rows[row_index]) < max_items):
+            bisect.insort(open_rows, (room, row_index))
+    return [sorted(members) for members in rows]
+
+
 def pack_examples(examples: Sequence[Example], *, length: int) -> list[Example]:
     """Packs SFT examples into rows of at most `length` tokens, best-fit decreasing.
 
@@ -105,24 +140,8 @@ def pack_examples(examples: Sequence[Example], *, length: int) -> list[Example]:
       token of every segment has loss 0: it is not predicted from the previous example.
     """
     sizes = [len(example["input_ids"]) for example in examples]
-    if sizes and max(sizes) > length:
-        raise ValueError(f"an example of {max(sizes)} tokens does not fit a packed row of {length}")
-    rows: list[list[int]] = []
-    open_rows: list[tuple[int, int]] = []  # (room left, row index), sorted
-    for index in sorted(range(len(examples)), key=lambda i: (-sizes[i], i)):
-        slot = bisect.bisect_left(open_rows, (sizes[index], -1))
-        if slot == len(open_rows):
-            rows.append([index])
-            room, row_index = length - sizes[index], len(rows) - 1
-        else:
-            room, row_index = open_rows.pop(slot)
-            rows[row_index].append(index)
-            room -= sizes[index]
-        if room > 0:
-            bisect.insort(open_rows, (room, row_index))
     packed = []
-    for members in rows:
-        members = sorted(members)
+    for members in _best_fit(sizes, length=length):
         loss_masks = [np.asarray(examples[i]["loss_mask"], np.int32).copy() for i in members]
         for mask in loss_masks:
             mask[0] = 0
@@ -139,6 +158,62 @@ def pack_examples(examples: Sequence[Example], *, length: int) -> list[Example]:
             }
         )
     return packed
+
+
+_PAIR_PARTS = ("prompt", "chosen", "rejected")
+_REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+def pair_size(prompt: int, chosen: int, rejected: int, *, shared: bool) -> int:
+    """Tokens a pair takes in a row: `prompt + chosen + rejected` in a shared-prompt row, else the
+    longer of its two sequences (its chosen and rejected rows are packed side by side)."""
+    return prompt + chosen + rejected if shared else prompt + max(chosen, rejected)
+
+
+def pack_preference_pairs(
+    examples: Sequence[Example], *, length: int, max_pairs: int, shared: bool
+) -> list[Example]:
+    """Packs preference pairs into rows of at most `length` tokens and `max_pairs` pairs.
+
+    Best-fit decreasing on `pair_size` (as `pack_examples`); a row's pairs keep dataset order.
+
+    Returns:
+      rows with the pairs' `prompt_ids`, `chosen_ids` and `rejected_ids` concatenated,
+      `pair_lengths` (int32 `[k, 3]`: each pair's prompt, chosen and rejected token counts) and,
+      when the pairs carry them, `reference_chosen_logps` / `reference_rejected_logps` (float32
+      `[k]`). Collate them with `max_pairs` (see the module docstring).
+    """
+    if max_pairs < 1:
+        raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
+    lengths = np.asarray(
+        [[len(example[f"{part}_ids"]) for part in _PAIR_PARTS] for example in examples], np.int32
+    ).reshape(-1, 3)
+    sizes = [int(pair_size(*counts, shared=shared)) for counts in lengths]
+    with_reference = _REFERENCE_KEYS[0] in examples[0] if examples else False
+    packed = []
+    for members in _best_fit(sizes, length=length, max_items=max_pairs):
+        row = {
+            f"{part}_ids": np.concatenate([examples[i][f"{part}_ids"] for i in members]).astype(
+                np.int32
+            )
+            for part in _PAIR_PARTS
+        }
+        row["pair_lengths"] = lengths[members]
+        if with_reference:
+            for key in _REFERENCE_KEYS:
+                row[key] = np.asarray([examples[i][key] for i in members], np.float32)
+        packed.append(row)
+    return packed
+
+
+def row_pairs(example: Example) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`(prompt_ids, chosen_ids, rejected_ids)` of each pair of a row: one for a plain pair, k for
+    a `pack_preference_pairs` row."""
+    if "pair_lengths" not in example:
+        return [tuple(example[f"{part}_ids"] for part in _PAIR_PARTS)]
+    bounds = np.cumsum(example["pair_lengths"], axis=0)[:-1]
+    parts = [np.split(example[f"{part}_ids"], bounds[:, j]) for j, part in enumerate(_PAIR_PARTS)]
+    return list(zip(*parts, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,86 +246,129 @@ def collate_sft(examples: Sequence[Example], *, buckets: Buckets, pad_id: int) -
     }
 
 
-def collate_preference(examples: Sequence[Example], *, buckets: Buckets, pad_id: int) -> Batch:
-    """Builds `prompt + chosen` and `prompt + rejected` rows, right-padded to one shared bucket."""
-    length = buckets.fit(
-        max(
-            len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
-            for e in examples
+def _pair_rows(
+    examples: Sequence[Example], max_pairs: int | None
+) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    rows = [row_pairs(example) for example in examples]
+    most = max(len(row) for row in rows)
+    if most > (max_pairs or 1):
+        raise ValueError(
+            f"a row holds {most} preference pairs; collate packed rows with max_pairs >= {most}"
         )
+    return rows
+
+
+def _sequence(prompt: np.ndarray, response: np.ndarray, segment: int) -> tuple[np.ndarray, ...]:
+    """`(ids, segment ids, positions, loss mask)` of one `prompt + response` sequence."""
+    n = len(prompt) + len(response)
+    mask = np.repeat(np.float32([0, 1]), [len(prompt), len(response)])
+    mask[0] = 0.0  # nothing predicts a sequence's first token
+    return (
+        np.concatenate([prompt, response]),
+        np.full(n, segment, np.int32),
+        np.arange(n, dtype=np.int32),
+        mask,
     )
+
+
+def _concat_columns(parts: Sequence[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+    return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
+
+def collate_preference(
+    examples: Sequence[Example], *, buckets: Buckets, pad_id: int, max_pairs: int | None = None
+) -> Batch:
+    """Builds `prompt + chosen` and `prompt + rejected` rows, right-padded to one shared bucket.
+
+    A packed row's pairs become segments 1..k of its chosen row and, in the same order, of its
+    rejected row; `max_pairs` adds the per-pair arrays of the module docstring.
+    """
+    rows = _pair_rows(examples, max_pairs)
+    sides = {
+        side: [
+            _concat_columns([_sequence(pair[0], pair[i], k) for k, pair in enumerate(row, start=1)])
+            for row in rows
+        ]
+        for i, side in enumerate(("chosen", "rejected"), start=1)
+    }
+    length = buckets.fit(max(len(row[0]) for side_rows in sides.values() for row in side_rows))
     batch: Batch = {}
-    for side in ("chosen", "rejected"):
-        ids, masks = [], []
-        for example in examples:
-            prompt, response = example["prompt_ids"], example[f"{side}_ids"]
-            ids.append(np.concatenate([prompt, response]))
-            mask = np.concatenate(
-                [np.zeros(len(prompt), np.float32), np.ones(len(response), np.float32)]
-            )
-            mask[0] = 0.0  # nothing predicts the first token
-            masks.append(mask)
+    for side, side_rows in sides.items():
+        ids, segments, positions, masks = zip(*side_rows, strict=True)
         batch[f"{side}_input_ids"] = _pad_right(ids, length, pad_id, np.int32)
-        batch[f"{side}_attention_mask"] = _pad_right(
-            [np.ones(len(r), np.int32) for r in ids], length, 0, np.int32
-        )
-        batch[f"{side}_positions"] = _pad_right(
-            [np.arange(len(r), dtype=np.int32) for r in ids], length, 0, np.int32
-        )
+        batch[f"{side}_attention_mask"] = _pad_right(segments, length, 0, np.int32)
+        batch[f"{side}_positions"] = _pad_right(positions, length, 0, np.int32)
         batch[f"{side}_loss_mask"] = _pad_right(masks, length, 0.0, np.float32)
-    _reference_logps(examples, batch)
+    _pair_arrays(examples, rows, batch, max_pairs)
     return batch
 
 
-def _reference_logps(examples: Sequence[Example], batch: Batch) -> None:
-    reference_keys = ("reference_chosen_logps", "reference_rejected_logps")
-    with_reference = sum(reference_keys[0] in example for example in examples)
+def _pair_arrays(
+    examples: Sequence[Example], rows: Sequence[list], batch: Batch, max_pairs: int | None
+) -> None:
+    """Adds `pair_mask` (with `max_pairs`) and the reference log-probs (if all rows carry them)."""
+    if max_pairs is not None:
+        counts = np.asarray([len(row) for row in rows])
+        batch["pair_mask"] = (np.arange(max_pairs) < counts[:, None]).astype(np.float32)
+    with_reference = sum(_REFERENCE_KEYS[0] in example for example in examples)
     if with_reference == len(examples):
-        for key in reference_keys:
-            batch[key] = np.asarray([example[key] for example in examples], np.float32)
+        for key in _REFERENCE_KEYS:
+            values = [np.asarray(example[key], np.float32).reshape(-1) for example in examples]
+            if max_pairs is None:
+                batch[key] = np.concatenate(values)
+            else:
+                batch[key] = _pad_right(values, max_pairs, 0.0, np.float32)
     elif with_reference:
         raise ValueError("some examples carry reference log-probs and some do not")
 
 
+def _shared_pair(
+    prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, segment: int
+) -> tuple[np.ndarray, ...]:
+    """`(ids, segment ids, positions, branch ids, chosen mask, rejected mask)` of one pair."""
+    counts = [len(prompt), len(chosen), len(rejected)]
+    positions = np.concatenate([np.arange(counts[0] + counts[1]), counts[0] + np.arange(counts[2])])
+    chosen_mask = np.repeat(np.float32([0, 1, 0]), counts)
+    rejected_mask = np.repeat(np.float32([0, 0, 1]), counts)
+    if counts[0] == 0:  # nothing predicts a response's first token
+        chosen_mask[0] = 0.0
+        rejected_mask[counts[1]] = 0.0
+    return (
+        np.concatenate([prompt, chosen, rejected]),
+        np.full(sum(counts), segment, np.int32),
+        positions.astype(np.int32),
+        np.repeat(np.int32([0, 1, 2]), counts),
+        chosen_mask,
+        rejected_mask,
+    )
+
+
 def collate_preference_shared(
-    examples: Sequence[Example], *, buckets: Buckets, pad_id: int
+    examples: Sequence[Example], *, buckets: Buckets, pad_id: int, max_pairs: int | None = None
 ) -> Batch:
     """One `prompt + chosen + rejected` row per pair, right-padded: the prompt is run once.
 
     Rejected tokens take positions P, P+1, ... as if they followed the prompt directly, and
     `branch_ids` keeps them from attending to the chosen tokens, so every token sees exactly what
-    it sees in `collate_preference`'s two rows.
+    it sees in `collate_preference`'s two rows. A packed row holds its pairs one after another as
+    segments 1..k; `max_pairs` adds the per-pair arrays of the module docstring.
     """
-    length = buckets.fit(
-        max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
-    )
-    ids, positions, branches, chosen_masks, rejected_masks = [], [], [], [], []
-    for example in examples:
-        prompt, chosen, rejected = (example[f"{k}_ids"] for k in ("prompt", "chosen", "rejected"))
-        n_prompt, n_chosen, n_rejected = len(prompt), len(chosen), len(rejected)
-        ids.append(np.concatenate([prompt, chosen, rejected]))
-        positions.append(
-            np.concatenate(
-                [np.arange(n_prompt + n_chosen), n_prompt + np.arange(n_rejected)]
-            ).astype(np.int32)
-        )
-        branches.append(np.repeat(np.int32([0, 1, 2]), [n_prompt, n_chosen, n_rejected]))
-        chosen_mask = np.repeat(np.float32([0, 1, 0]), [n_prompt, n_chosen, n_rejected])
-        rejected_mask = np.repeat(np.float32([0, 0, 1]), [n_prompt, n_chosen, n_rejected])
-        if n_prompt == 0:  # nothing predicts a response's first token
-            chosen_mask[0] = 0.0
-            rejected_mask[n_chosen] = 0.0
-        chosen_masks.append(chosen_mask)
-        rejected_masks.append(rejected_mask)
+    rows = _pair_rows(examples, max_pairs)
+    columns = [
+        _concat_columns([_shared_pair(*pair, k) for k, pair in enumerate(row, start=1)])
+        for row in rows
+    ]
+    length = buckets.fit(max(len(row[0]) for row in columns))
+    ids, segments, positions, branches, chosen_masks, rejected_masks = zip(*columns, strict=True)
     batch: Batch = {
         "input_ids": _pad_right(ids, length, pad_id, np.int32),
-        "attention_mask": _pad_right([np.ones(len(r), np.int32) for r in ids], length, 0, np.int32),
+        "attention_mask": _pad_right(segments, length, 0, np.int32),
         "positions": _pad_right(positions, length, 0, np.int32),
         "branch_ids": _pad_right(branches, length, 0, np.int32),
         "chosen_loss_mask": _pad_right(chosen_masks, length, 0.0, np.float32),
         "rejected_loss_mask": _pad_right(rejected_masks, length, 0.0, np.float32),
     }
-    _reference_logps(examples, batch)
+    _pair_arrays(examples, rows, batch, max_pairs)
     return batch
 
 
@@ -265,3 +383,46 @@ def collate_prompts(examples: Sequence[Example], *, buckets: Buckets, pad_id: in
         mask[b, length - n :] = 1
     positions = np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0).astype(np.int32)
     return {"prompt_input_ids": ids, "prompt_attention_mask": mask, "prompt_positions": positions}
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding.
+
+
+def row_token_counts(example: Example, *, shared: bool = False) -> tuple[int, ...]:
+    """Real tokens of the rows an example becomes: `(sft row,)`, `(shared-prompt row,)` or
+    `(chosen row, rejected row)`, for plain and packed examples alike."""
+    if "input_ids" in example:
+        return (len(example["input_ids"]),)
+    pairs = row_pairs(example)
+    if shared:
+        return (sum(len(p) + len(c) + len(r) for p, c, r in pairs),)
+    return sum(len(p) + len(c) for p, c, _ in pairs), sum(len(p) + len(r) for p, _, r in pairs)
+
+
+def padding_fraction(
+    examples: Sequence[Example],
+    *,
+    buckets: Buckets,
+    batch_size: int,
+    shared: bool = False,
+    seed: int = 0,
+) -> float:
+    """Share of the token slots of an epoch's batches that are padding, `1 − Σ real / Σ B·T`.
+
+    Batches are `batch_size` examples in `BatchIterator`'s shuffled order of epoch 0 for `seed`
+    (the last, smaller one included), each padded to the smallest bucket that fits its longest
+    row, as the collate functions pad them; `shared` as in `row_token_counts`. Counts tokens only
+    (no collation), so it is cheap enough for a start-up log line.
+    """
+    if not examples:
+        return 0.0
+    counts = np.asarray([row_token_counts(example, shared=shared) for example in examples])
+    order = np.random.default_rng([seed, 0]).permutation(len(examples))
+    real = slots = 0
+    for start in range(0, len(order), batch_size):
+        rows = counts[order[start : start + batch_size]]
+        index = min(bisect.bisect_left(buckets.lengths, int(rows.max())), len(buckets.lengths) - 1)
+        real += int(rows.sum())
+        slots += rows.size * buckets.lengths[index]
+    return 1.0 - real / slots

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -16,6 +18,7 @@ import numpy as np
 
 from jaxalign import hub
 from jaxalign.data import BatchIterator, build_preference_dataset, build_prompt_dataset
+from jaxalign.data.batching import pack_preference_pairs, padding_fraction
 from jaxalign.data.sources import HubDataset
 from jaxalign.models import Transformer, save_pretrained
 
@@ -117,8 +120,8 @@ def preference_datasets(
 ) -> tuple[Any, Any]:
     """Train and (optional) eval preference datasets; `share_prompt`: one row per pair."""
 
-    def dataset(spec: str, split: str):
-        return build_preference_dataset(
+    def dataset(spec: str, split: str, *, report: bool = False):
+        pairs = build_preference_dataset(
             data_source(spec, config.data),
             tokenizer,
             max_length=config.data.max_length,
@@ -130,11 +133,54 @@ def preference_datasets(
             share_prompt=share_prompt,
             algorithm=config.algorithm,
         )
+        if not config.data.pack:
+            return pairs
+        packed = packed_preference_dataset(
+            pairs, max_pairs=config.data.max_pairs_per_row, shared=share_prompt
+        )
+        if report:
+            logger.info(
+                "%s",
+                packing_report(
+                    pairs, packed, batch_size=config.train.batch_size, shared=share_prompt
+                ),
+            )
+        return packed
 
-    train_data = dataset(config.data.train, config.data.train_split)
+    train_data = dataset(config.data.train, config.data.train_split, report=True)
     logger.debug("preference data: %s", train_data.stats)
     eval_data = dataset(config.data.eval, config.data.eval_split) if config.data.eval else None
     return train_data, eval_data
+
+
+def packed_preference_dataset(data: Any, *, max_pairs: int, shared: bool) -> Any:
+    """`data` (a preference `TokenizedDataset`) with its pairs packed into rows of its longest
+    bucket, at most `max_pairs` to a row (`pack_preference_pairs`); its collate adds the per-pair
+    slots. `stats["examples"]` counts rows; `stats["pairs"]` the pairs."""
+    examples = pack_preference_pairs(
+        data.examples, length=data.buckets.max_length, max_pairs=max_pairs, shared=shared
+    )
+    return dataclasses.replace(
+        data,
+        examples=examples,
+        stats={**data.stats, "examples": len(examples), "pairs": len(data.examples)},
+        collate=functools.partial(data.collate, max_pairs=max_pairs),
+    )
+
+
+def packing_report(pairs: Any, packed: Any, *, batch_size: int, shared: bool) -> str:
+    """One line: pairs per packed row and the padding share of the batches' token slots (at
+    `batch_size` rows per batch), one pair per row and packed (`padding_fraction`)."""
+    before, after = (
+        padding_fraction(data.examples, buckets=data.buckets, batch_size=batch_size, shared=shared)
+        for data in (pairs, packed)
+    )
+    return (
+        f"preference packing: {len(pairs.examples)} pairs -> {len(packed.examples)} rows of <= "
+        f"{packed.buckets.max_length} tokens ({len(pairs.examples) / len(packed.examples):.2f} "
+        f"pairs per row); padding {before:.1%} of the token slots one pair per row, {after:.1%} "
+        f"packed (batches of {batch_size})"
+    )
 
 
 def prompt_dataset(config: ml_collections.ConfigDict, tokenizer: Any) -> Any:

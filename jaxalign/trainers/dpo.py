@@ -23,7 +23,7 @@ from jaxalign.losses import dpo_loss
 from jaxalign.models import Transformer
 from jaxalign.models.moe import router_loss_terms
 from jaxalign.trainers import common, engine
-from jaxalign.trainers.pairwise import response_logps
+from jaxalign.trainers.pairwise import flat_pairs, pair_weights, response_logps
 from jaxalign.trainers.setup import load_reference, setup_run
 
 logger = logging.getLogger(__name__)
@@ -82,27 +82,35 @@ def dpo_loss_fn(
             ref_chosen, ref_rejected, _, _ = response_logps(
                 reference_model, jax.lax.stop_gradient(ref_params), batch, chunk_size=chunk_size
             )
+        # Per pair, [P]: one per row, or K slots per packed row of which `weights` marks the real.
+        weights = pair_weights(batch)
+        chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected = flat_pairs(
+            chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected
+        )
+        # An empty slot gets a stand-in pair (log-prob -1 over 1 token) that no loss type divides
+        # by zero on or takes the log of 0 for; its weight 0 then drops it, gradient included.
+        real = weights > 0
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen,
-            rejected,
+            jnp.where(real, chosen, -1.0),
+            jnp.where(real, rejected, -1.0),
             ref_chosen,
             ref_rejected,
             beta=dpo_cfg.beta,
             loss_type=dpo_cfg.loss_type,
             label_smoothing=dpo_cfg.label_smoothing,
-            chosen_lengths=chosen_len,
-            rejected_lengths=rejected_len,
+            chosen_lengths=jnp.where(real, chosen_len, 1.0),
+            rejected_lengths=jnp.where(real, rejected_len, 1.0),
             **variant_kwargs,
         )
         metrics = {
-            "rewards/chosen": chosen_rewards.sum(),
-            "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32).sum(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-            "logps/chosen": chosen.sum(),
+            "rewards/chosen": (chosen_rewards * weights).sum(),
+            "rewards/rejected": (rejected_rewards * weights).sum(),
+            "rewards/accuracies": ((chosen_rewards > rejected_rewards) * weights).sum(),
+            "rewards/margins": ((chosen_rewards - rejected_rewards) * weights).sum(),
+            "logps/chosen": chosen.sum(),  # 0 on empty slots
             "logps/rejected": rejected.sum(),
         }
-        num_pairs = jnp.float32(chosen.shape[0])
+        num_pairs = weights.sum()
         router_loss, router_metrics = router_loss_terms(model.config, router_stats, num_pairs)
         metrics.update(router_metrics)
         # TRL's logits/chosen, logits/rejected: mean logit over response tokens and vocabulary.
@@ -111,7 +119,7 @@ def dpo_loss_fn(
             "logits/rejected": (rejected_logits.sum(), rejected_len.sum()),
         }
         aux = {"denominator": num_pairs, "metrics": metrics, "weighted": weighted}
-        return losses.sum() + router_loss, aux
+        return (losses * weights).sum() + router_loss, aux
 
     return loss_fn
 
@@ -150,11 +158,18 @@ def precompute_reference_logps(
         logps = shd.local_rows(logps_fn(ref_params, shd.shard_batch(batch, mesh)), mesh)
         if jax.process_count() > 1:
             indices, *logps = multihost_utils.process_allgather((indices, *logps))
-        for index, chosen, rejected in zip(
-            np.ravel(indices), np.ravel(logps[0]), np.ravel(logps[1]), strict=True
-        ):
-            dataset.examples[index]["reference_chosen_logps"] = np.float32(chosen)
-            dataset.examples[index]["reference_rejected_logps"] = np.float32(rejected)
+        indices = np.ravel(indices)
+        # [rows, 1] for one pair per row, [rows, K] for packed rows (their first k slots are real).
+        chosen, rejected = (np.reshape(x, (indices.size, -1)) for x in logps)
+        for index, row_chosen, row_rejected in zip(indices, chosen, rejected, strict=True):
+            example = dataset.examples[index]
+            if "pair_lengths" in example:
+                num_pairs = len(example["pair_lengths"])
+                example["reference_chosen_logps"] = row_chosen[:num_pairs].astype(np.float32)
+                example["reference_rejected_logps"] = row_rejected[:num_pairs].astype(np.float32)
+            else:
+                example["reference_chosen_logps"] = np.float32(row_chosen[0])
+                example["reference_rejected_logps"] = np.float32(row_rejected[0])
 
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import jax.numpy as jnp
 import ml_collections
 
 from jaxalign.losses import bradley_terry_loss
 from jaxalign.models import Transformer
 from jaxalign.models.moe import router_loss_terms
 from jaxalign.trainers import common, engine
-from jaxalign.trainers.pairwise import pair_rewards
+from jaxalign.trainers.pairwise import flat_pairs, pair_rewards, pair_weights
 from jaxalign.trainers.setup import setup_run
 
 logger = logging.getLogger(__name__)
@@ -26,19 +25,23 @@ def reward_loss_fn(model: Transformer, *, margin: float, center_coef: float):
         chosen, rejected, router_stats = pair_rewards(
             model, params, batch, return_router_stats=True
         )
+        # Per pair, [P]: one per row, or K slots per packed row of which `weights` marks the real.
+        weights = pair_weights(batch)
+        chosen, rejected = flat_pairs(chosen, rejected)
         losses = bradley_terry_loss(
             chosen, rejected, margin=margin or None, center_coef=center_coef
         )
         metrics = {
-            "accuracy": (chosen > rejected).astype(jnp.float32).sum(),
-            "margin": (chosen - rejected).sum(),
-            "chosen_reward": chosen.sum(),
-            "rejected_reward": rejected.sum(),
+            "accuracy": ((chosen > rejected) * weights).sum(),
+            "margin": ((chosen - rejected) * weights).sum(),
+            "chosen_reward": (chosen * weights).sum(),
+            "rejected_reward": (rejected * weights).sum(),
         }
-        num_pairs = jnp.float32(chosen.shape[0])
+        num_pairs = weights.sum()
         router_loss, router_metrics = router_loss_terms(model.config, router_stats, num_pairs)
         metrics.update(router_metrics)
-        return losses.sum() + router_loss, {"denominator": num_pairs, "metrics": metrics}
+        aux = {"denominator": num_pairs, "metrics": metrics}
+        return (losses * weights).sum() + router_loss, aux
 
     return loss_fn
 
