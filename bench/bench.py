@@ -8,6 +8,15 @@ iteration (rollout + update) on this machine.
     python bench/bench.py --workload grpo --preset trl-tiny --compare-torch  # + TRL GRPOTrainer
     python bench/bench.py --workload sft --preset tiny --quick --json    # CI smoke (seconds)
     python bench/bench.py --lora [--json] [--lora-quantization nf4]      # LoRA-DPO vs full DPO
+    python bench/bench.py --workload sft,dpo,generate --preset llama-1b --attention-impl cudnn
+    python bench/bench.py --workload sft --preset llama-1b --num-layers 1 --seq-len 128 \
+        --batch-size 2 --steps 2                                         # its CPU smoke run
+
+`--preset llama-1b` is Llama-3.2-1B (random init) at a real run's settings: bf16 compute, fp32
+master weights, full remat, 2048-token rows (`--seq-len`, `--batch-size`, `--num-layers`,
+`--vocab-size`, `--attention-impl`, `--remat` override any preset). Without `--json`, each
+workload prints its own table (device kind and count, attention impl, tokens/s per device, step
+time, FLOPs per step and their source, MFU; `mfu.format_report`), then one row per workload.
 
 `--lora` runs full DPO and LoRA-DPO (`build_lora_dpo_step`: adapters alone train, the reference is
 the base with adapters off) each in its own process on preset `lora-mid`, and adds `vs_full` (LoRA /
@@ -56,9 +65,17 @@ Reported per workload:
                              (2·N·B·P + 4·L·H·D·B·P²) and R decode rows, + 3·F(R, P+N).
   matmul_peak_gflops  measured: best time of a jitted fp32 [n,n]@[n,n] (n = 2048 on CPU, 8192 on
                  accelerators), 2n³ FLOPs; fraction_of_peak = gflops_per_s / it.
-  mfu            accelerators only: gflops_per_s / the device's dense datasheet peak for the compute
-                 dtype (H100/H200 SXM bf16 989 TFLOP/s, fp32 67; A100 312 / 19.5; TPU bf16 peaks).
-                 XLA's default fp32 matmul precision on GPU may use TF32, so fp32 mfu can exceed 1.
+  flops_per_step model FLOPs per step, flops_source "xla" (`compiled.cost_analysis()` of the step,
+                 times the devices) or "analytic" (the formulas above) with flops_note saying why
+                 XLA's count was not taken (remat, a fused attention kernel, a decode loop, no
+                 count, or disagreement); flops_per_step_xla and flops_per_step_analytic hold both
+                 (bench/mfu.py's docstring has the rules).
+  mfu            flops_per_step / (step_s · num_devices · peak_flops): the peak is `--peak-flops`
+                 or the device's dense datasheet peak for the compute dtype (`mfu.PEAK_FLOPS`:
+                 H100/H200 SXM bf16 989 TFLOP/s, fp32 67; A100 312 / 19.5; TPU v4 275, v5e 197,
+                 v5p 459, v6e 918), null when neither is known (CPU). XLA's default fp32 matmul
+                 precision on GPU may use TF32, so fp32 mfu can exceed 1.
+  tokens_per_s_per_device   tokens_per_s / num_devices (generate runs on one device).
   peak_rss_mb    peak resident memory of this process (`resource.getrusage`), measured before any
                  PyTorch comparison runs. It is the process's peak so far: `--workload all` runs
                  each workload in its own process; a comma list (`sft,dpo`) shares one.
@@ -87,11 +104,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import mfu
 import numpy as np
 
 from jaxalign import advantages as adv
@@ -101,9 +120,12 @@ from jaxalign import sharding as shd
 from jaxalign.config import base_config, tiny_model_init
 from jaxalign.data import collate_preference, collate_preference_shared
 from jaxalign.data.batching import Buckets
-from jaxalign.models import ModelConfig, Transformer
+from jaxalign.models import ModelConfig, Transformer, from_hf_config
+from jaxalign.models.attention import resolve_attention_impl
+from jaxalign.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 from jaxalign.models.lora import QUANTIZATIONS, LoraConfig, init_lora
 from jaxalign.optim import make_optimizer
+from jaxalign.plan import PUBLISHED_CONFIGS
 from jaxalign.sampling import SamplingConfig, generate
 from jaxalign.trainers import engine, setup
 from jaxalign.trainers.dpo import dpo_loss_fn
@@ -159,6 +181,16 @@ _TRL_TINY_MODEL = dict(
     head_dim=64,
     tie_word_embeddings=False,
 )
+# meta-llama/Llama-3.2-1B's config.json (not in `jaxalign.plan.PUBLISHED_CONFIGS`): 1.24 B
+# parameters, GQA 32 query / 8 kv heads of 64, tied embeddings, llama3 RoPE scaling.
+LLAMA_32_1B_HF = PUBLISHED_CONFIGS["meta-llama/Llama-3.2-1B"]
+
+
+def model_fields(config: ModelConfig) -> dict[str, Any]:
+    """A `ModelConfig` as `Preset.model` keyword arguments (the head is the workload's)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "head"}
+
+
 PRESETS = {
     "trl-tiny": Preset(_TRL_TINY_MODEL, 8, 64, 64, 16, 32, 64),
     "tiny": Preset(tiny_model_init().to_dict(), 8, 32, 32, 8, 16, 16),
@@ -177,6 +209,22 @@ PRESETS = {
         8,
         128,
         128,
+    ),
+    # Llama-3.2-1B at a real run's settings (the recipes' bf16 compute, fp32 master weights,
+    # full remat), random init; 2048-token rows. `--num-layers 1 --seq-len 128 --batch-size 2`
+    # shrinks it to a CPU smoke run.
+    "llama-1b": Preset(
+        model_fields(
+            from_hf_config(
+                LLAMA_32_1B_HF, dtype="bfloat16", param_dtype="float32", remat_policy="full"
+            )
+        ),
+        4,
+        1024,
+        1024,
+        8,
+        1024,
+        1024,
     ),
     # `--lora`'s default: weights dominate full DPO's memory here (a 55 M-parameter Llama, short
     # pairs), the regime LoRA is for; about a minute per process on 2 CPU cores.
@@ -198,17 +246,6 @@ PRESETS = {
         32,
     ),
 }
-
-# Dense datasheet peaks in FLOP/s: (substring of device_kind, {compute dtype: peak}).
-DEVICE_PEAKS = (
-    ("H100", {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}),
-    ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}),
-    ("A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
-    ("TPU v6", {"bfloat16": 918e12}),
-    ("TPU v5 lite", {"bfloat16": 197e12}),
-    ("TPU v5", {"bfloat16": 459e12}),
-    ("TPU v4", {"bfloat16": 275e12}),
-)
 
 # ----------------------------------------------------------------------------- measuring
 
@@ -232,16 +269,6 @@ def matmul_peak_gflops(*, quick: bool) -> float:
         jax.block_until_ready(matmul(a, b))
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
-
-
-def device_peak_flops(dtype: str) -> float | None:
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return None
-    for name, peaks in DEVICE_PEAKS:
-        if name in device.device_kind:
-            return peaks.get(dtype)
-    return None
 
 
 def time_steps(
@@ -437,7 +464,8 @@ def build_train_step(
     jitted = engine.jit_train_step(step, state_shardings, mesh, frozen_shardings)
     device_batch = shd.shard_batch(batch, mesh)
     start = time.perf_counter()
-    compiled = jitted.lower(state, device_batch, frozen).compile()
+    with shd.activation_context(mesh, rules):  # as the engine traces its steps
+        compiled = jitted.lower(state, device_batch, frozen).compile()
     compile_s = time.perf_counter() - start
 
     def run_step():
@@ -445,7 +473,14 @@ def build_train_step(
         state, metrics = compiled(state, device_batch, frozen)
         return metrics["loss"]
 
-    info = {"step_memory_mb": step_memory_mb(compiled)}
+    info = {
+        "step_memory_mb": step_memory_mb(compiled),
+        "rows": rows,  # sequences the step runs, of row_len tokens
+        "row_len": next(v.shape[1] for k, v in batch.items() if k.endswith("input_ids")),
+        "num_devices": mesh.size,
+        # one device's share of the SPMD program, times the devices
+        "xla_flops": xla_flops(compiled, mesh.size),
+    }
     return run_step, compile_s, tokens, flops, model_config, info
 
 
@@ -498,7 +533,8 @@ def build_lora_dpo_step(preset: Preset, chunk_size: int | None, lora: LoraConfig
     batch = pair_batch(preset, model_config.vocab_size, share_prompt=True)
     device_batch = shd.shard_batch(batch, mesh)
     start = time.perf_counter()
-    compiled = jitted.lower(state, device_batch, frozen).compile()
+    with shd.activation_context(mesh, rules):  # as the engine traces its steps
+        compiled = jitted.lower(state, device_batch, frozen).compile()
     compile_s = time.perf_counter() - start
 
     def run_step():
@@ -516,8 +552,18 @@ def build_lora_dpo_step(preset: Preset, chunk_size: int | None, lora: LoraConfig
         "lora_quantization": lora.quantization,
         "trainable_params": sum(x.size for x in jax.tree.leaves(trainable)),
         "step_memory_mb": step_memory_mb(compiled),
+        "rows": rows,
+        "row_len": row_len,
+        "num_devices": mesh.size,
+        "xla_flops": xla_flops(compiled, mesh.size),
     }
     return run_step, compile_s, tokens, flops, model_config, info
+
+
+def xla_flops(compiled: Any, devices: int) -> float | None:
+    """XLA's FLOPs of a compiled SPMD step: one device's share times the devices."""
+    flops = mfu.compiled_flops(compiled)
+    return None if flops is None else flops * devices
 
 
 def step_memory_mb(compiled: Any) -> float | None:
@@ -659,9 +705,10 @@ def bench_grpo(
         if index == iterations - steps:
             cpu_start = time.process_time()
         start = time.perf_counter()
-        rollout, local_rewards = rollout_phase(index)
-        middle = time.perf_counter()
-        update_phase(rollout, local_rewards)
+        with shd.activation_context(mesh, rules):  # as the engine runs an iteration
+            rollout, local_rewards = rollout_phase(index)
+            middle = time.perf_counter()
+            update_phase(rollout, local_rewards)
         rollout_times.append(middle - start)
         update_times.append(time.perf_counter() - middle)
         generated.append(int(np.asarray(rollout.response_mask).sum()))
@@ -694,7 +741,14 @@ def bench_grpo(
         "batch": rows,
         "seq": seq,
         "dtype": model_config.dtype,
+        "param_dtype": model_config.param_dtype,
+        "remat_policy": model_config.remat_policy,
+        "attention_impl": model_config.attention_impl,
+        "attention_impl_run": resolve_attention_impl(model_config),
         "peak_rss_mb": peak_rss_mb(),
+        "rows": rows,
+        "row_len": seq,
+        "num_devices": mesh.size,
         "num_prompts": preset.batch,
         "num_generations": group,
         "iteration_s": iteration_s,
@@ -758,7 +812,8 @@ def bench_jax(
         times, cpu_s = time_steps(run_step, warmup=max(warmup - 1, 0), steps=steps)
         compile_s = max(first_call_s - float(np.median(times)), 0.0)
         batch, seq = preset.gen_batch, preset.gen_prompt_len + preset.gen_new_tokens
-        extra = {}
+        # one unsharded jit on the default device
+        extra = {"rows": batch, "row_len": seq, "num_devices": 1}
     else:
         if lora is not None:
             built = build_lora_dpo_step(preset, chunk_size, lora)
@@ -782,6 +837,10 @@ def bench_jax(
         "batch": batch,
         "seq": seq,
         "dtype": model_config.dtype,
+        "param_dtype": model_config.param_dtype,
+        "remat_policy": model_config.remat_policy,
+        "attention_impl": model_config.attention_impl,
+        "attention_impl_run": resolve_attention_impl(model_config),
         "peak_rss_mb": peak_rss_mb(),
         "device_peak_mb": device_peak_mb(),
         **(
@@ -1226,6 +1285,7 @@ def _run_all(args: argparse.Namespace) -> int:
                 command += [f"--{flag}", str(getattr(args, flag))]
         command += ["--quick"] * args.quick + ["--compare-torch"] * args.compare_torch
         command += ["--dpo-two-rows"] * args.dpo_two_rows
+        command += _override_flags(args)
         proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode:
             failed += 1
@@ -1236,8 +1296,30 @@ def _run_all(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result), flush=True)
     if not args.json:
-        print(_format_table(results))
+        print(_tables(results))
     return 1 if failed else 0
+
+
+def _override_flags(args: argparse.Namespace) -> list[str]:
+    """The preset overrides and `--peak-flops`, for a child process."""
+    flags = []
+    for name in (
+        "num_layers",
+        "vocab_size",
+        "seq_len",
+        "batch_size",
+        "attention_impl",
+        "remat",
+        "peak_flops",
+    ):
+        if getattr(args, name) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
+
+
+def _tables(results: list[dict[str, Any]]) -> str:
+    """Each workload's own table (`mfu.format_report`), then the one-row-per-workload table."""
+    return "\n\n".join([*map(mfu.format_report, results), _format_table(results)])
 
 
 def _workloads(text: str) -> list[str]:
@@ -1266,8 +1348,65 @@ def _stdout_to_stderr():
         os.close(saved_fd)
 
 
+def override_preset(preset: Preset, args: argparse.Namespace) -> Preset:
+    """The preset with the command line's `--num-layers`, `--vocab-size`, `--seq-len` (training
+    rows of S/2 prompt + S/2 completion tokens, generate S/2 + S/2 new), `--batch-size` (training
+    and generate), `--attention-impl` and `--remat`."""
+    model = dict(preset.model)
+    for flag, key in (
+        ("num_layers", "num_layers"),
+        ("vocab_size", "vocab_size"),
+        ("attention_impl", "attention_impl"),
+        ("remat", "remat_policy"),
+    ):
+        if getattr(args, flag) is not None:
+            model[key] = getattr(args, flag)
+    changes: dict[str, Any] = {"model": model}
+    if args.seq_len is not None:
+        half = args.seq_len // 2
+        changes.update(prompt_len=half, completion_len=half, gen_prompt_len=half)
+        changes.update(gen_new_tokens=half)
+    if args.batch_size is not None:
+        changes.update(batch=args.batch_size, gen_batch=args.batch_size)
+    return dataclasses.replace(preset, **changes)
+
+
+def add_mfu_fields(result: dict[str, Any], peak_override: float | None) -> None:
+    """FLOPs per step (XLA's count or the analytic one, `mfu.model_flops`), the device's peak
+    (`--peak-flops`, else the datasheet table) and MFU, in place."""
+    device = jax.devices()[0]
+    analytic = result["gflops_per_step"] * 1e9
+    xla = result.pop("xla_flops", None)
+    caveat = mfu.xla_caveat(
+        remat_policy=result["remat_policy"],
+        attention_impl=result["attention_impl_run"],
+        has_loop=result["workload"] in ("generate", "grpo"),
+    )
+    flops, source, note = mfu.model_flops(analytic, xla, caveat)
+    if peak_override:
+        peak, peak_source = peak_override, "--peak-flops"
+    else:
+        peak = mfu.peak_flops(device.device_kind, result["dtype"])  # None on CPU
+        peak_source = f"datasheet {result['dtype']}"
+    devices = result["num_devices"]
+    result.update(
+        platform=device.platform,
+        device_kind=device.device_kind,
+        tokens_per_s_per_device=result["tokens_per_s"] / devices,
+        flops_per_step=flops,
+        flops_source=source,
+        flops_note=note,
+        flops_per_step_analytic=analytic,
+        flops_per_step_xla=xla,
+        peak_flops=peak,
+        peak_flops_source=peak_source if peak else None,
+        mfu=mfu.mfu(flops, result["step_s"], devices, peak),
+    )
+
+
 def bench_one(workload: str, args: argparse.Namespace, matmul_peak: float) -> dict[str, Any]:
     preset = PRESETS[args.preset].quick() if args.quick else PRESETS[args.preset]
+    preset = override_preset(preset, args)
     # A GRPO iteration is a whole rollout and update (seconds each): fewer of them by default.
     long_steps = workload == "grpo"
     warmup = args.warmup if args.warmup is not None else (1 if args.quick or long_steps else 3)
@@ -1281,7 +1420,6 @@ def bench_one(workload: str, args: argparse.Namespace, matmul_peak: float) -> di
         dpo_two_rows=args.dpo_two_rows,
         lora=lora_config_of(args) if workload == "dpo" else None,
     )
-    device_peak = device_peak_flops(result["dtype"])
     device = jax.devices()[0]
     result.update(
         preset=args.preset,
@@ -1291,8 +1429,8 @@ def bench_one(workload: str, args: argparse.Namespace, matmul_peak: float) -> di
         device=f"{device.platform}:{device.device_kind}",
         matmul_peak_gflops=matmul_peak,
         fraction_of_peak=result["gflops_per_s"] / matmul_peak,
-        mfu=result["gflops_per_s"] * 1e9 / device_peak if device_peak else None,
     )
+    add_mfu_fields(result, args.peak_flops)
     if args.compare_torch:
         # Trainers print their own summaries; keep stdout for our table / JSON line.
         with _stdout_to_stderr():
@@ -1330,7 +1468,7 @@ def _run_lora_comparison(args: argparse.Namespace) -> int:
                 f"--{flag}",
                 str(default if getattr(args, flag) is None else getattr(args, flag)),
             ]
-        command += ["--quick"] * args.quick
+        command += ["--quick"] * args.quick + _override_flags(args)
         proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode:
             print(f"dpo (lora rank {rank}) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -1345,7 +1483,7 @@ def _run_lora_comparison(args: argparse.Namespace) -> int:
         for result in results:
             print(json.dumps(result), flush=True)
     else:
-        print(_format_table(results), flush=True)
+        print(_tables(results), flush=True)
     return 0
 
 
@@ -1391,6 +1529,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lora-quantization", choices=QUANTIZATIONS, default="none", help="QLoRA base storage"
     )
+    shapes = parser.add_argument_group("preset overrides (e.g. a CPU smoke run of llama-1b)")
+    shapes.add_argument("--num-layers", type=int, default=None, help="model.num_layers")
+    shapes.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="model.vocab_size (a small one keeps a CPU smoke run's embedding and head cheap)",
+    )
+    shapes.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="S: training rows of S/2 prompt + S/2 completion tokens (DPO's shared-prompt row "
+        "S/2 + 2·S/2), generate S/2 prompt + S/2 new tokens",
+    )
+    shapes.add_argument(
+        "--batch-size", type=int, default=None, help="sequences / pairs / prompts per step"
+    )
+    shapes.add_argument(
+        "--attention-impl", choices=ATTENTION_IMPLS, default=None, help="model.attention_impl"
+    )
+    shapes.add_argument("--remat", choices=REMAT_POLICIES, default=None, help="model.remat_policy")
+    parser.add_argument(
+        "--peak-flops",
+        type=float,
+        default=None,
+        help="peak FLOP/s of one device for MFU (default: the datasheet table in bench/mfu.py)",
+    )
     parser.add_argument("--matmul-peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.preset = args.preset or ("lora-mid" if args.lora else "trl-tiny")
@@ -1402,19 +1568,35 @@ def main(argv: list[str] | None = None) -> int:
         args.lora_quantization != "none" and not (args.lora or args.lora_rank)
     ):
         parser.error("--lora-rank must be >= 0; --lora-quantization needs --lora or --lora-rank")
+    minimum = {"num_layers": 1, "batch_size": 1, "vocab_size": 3, "seq_len": 2}  # ids from 2
+    if any(getattr(args, f) is not None and getattr(args, f) < m for f, m in minimum.items()) or (
+        (args.seq_len or 0) % 2
+    ):
+        parser.error(
+            "--num-layers and --batch-size must be >= 1, --vocab-size >= 3, --seq-len even >= 2"
+        )
+    if args.peak_flops is not None and args.peak_flops <= 0:
+        parser.error("--peak-flops must be > 0")
     if args.lora:
         return _run_lora_comparison(args)
     if args.workload == ["all"]:
         return _run_all(args)
     matmul_peak = args.matmul_peak_gflops or matmul_peak_gflops(quick=args.quick)
-    results = []
+    results, failed = [], 0
     for workload in args.workload:
-        results.append(bench_one(workload, args, matmul_peak))
-        if args.json:
-            print(json.dumps(results[-1]), flush=True)
-    if not args.json:
+        try:
+            result = bench_one(workload, args, matmul_peak)
+        except Exception:  # noqa: BLE001  (one workload failing, e.g. out of memory, must not lose the others)
+            failed += 1
+            traceback.print_exc()
+            print(f"{workload} failed", file=sys.stderr, flush=True)
+            continue
+        results.append(result)
+        # At once, so a run stopped later (a timeout) keeps what it measured.
+        print(json.dumps(result) if args.json else mfu.format_report(result) + "\n", flush=True)
+    if not args.json and results:
         print(_format_table(results), flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

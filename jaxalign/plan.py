@@ -5,6 +5,8 @@
 
 `--devices` defaults to the product of `--mesh`; `--mesh` axes left out are 1, and without
 `--mesh` the config's `mesh.shape` is used. `--device-memory-gb` is in GiB (2**30 bytes).
+`--backend=gpu|tpu|cpu` (default gpu) is where `model.attention_impl="auto"` is resolved: the
+activation estimate has a `T²` score term only for the `xla` kernel.
 
 Nothing full-size is allocated. The model config is read from `config.json` when a
 `name_or_path` is a local directory, else taken from `PUBLISHED_CONFIGS` (the recipes' hub ids;
@@ -57,6 +59,8 @@ from jax.sharding import AbstractMesh
 from jaxalign import sharding as shd
 from jaxalign.config import validate
 from jaxalign.models import ModelConfig, Transformer, from_hf_config
+from jaxalign.models.attention import resolve_attention_impl
+from jaxalign.models.kv_cache import window_layers, window_length
 from jaxalign.models.lora import LoraConfig, is_adapter, make_lora_model
 from jaxalign.optim import make_optimizer
 from jaxalign.trainers.dpo import needs_reference_model
@@ -255,11 +259,38 @@ _MIXTRAL_8X7B = dict(
     eos_token_id=2,
     tie_word_embeddings=False,
 )
+_LLAMA32_1B = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+    hidden_act="silu",
+    tie_word_embeddings=True,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
 # The `config.json` fields (those `from_hf_config` reads) of the hub models the recipes name,
 # copied from the published files. Fine-tunes share their base model's architecture.
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
     "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
     "meta-llama/Meta-Llama-3-8B-Instruct": {**_LLAMA3_8B, "eos_token_id": 128009},
+    "meta-llama/Llama-3.2-1B": _LLAMA32_1B,  # bench/bench.py --preset llama-1b
+    "meta-llama/Llama-3.2-1B-Instruct": {**_LLAMA32_1B, "eos_token_id": 128009},
     "mistralai/Mistral-7B-v0.1": _MISTRAL_7B,
     "alignment-handbook/zephyr-7b-sft-full": _MISTRAL_7B,  # Mistral-7B-v0.1 fine-tune
     "Qwen/Qwen2.5-0.5B": _QWEN25_05B,
@@ -311,9 +342,26 @@ class PlanError(ValueError):
 
 
 def resolve_model_config(
-    model_cfg: ml_collections.ConfigDict, name_or_path: str, *, head: str = "lm"
+    model_cfg: ml_collections.ConfigDict,
+    name_or_path: str,
+    *,
+    head: str = "lm",
+    backend: str | None = None,
 ) -> tuple[ModelConfig, str]:
-    """`(ModelConfig, where it came from)` for a local HF dir, a known hub id, or random init."""
+    """`(ModelConfig, where it came from)` for a local HF dir, a known hub id, or random init.
+
+    With `backend` ("tpu", "gpu", "cpu"), `attention_impl="auto"` is resolved to the kernel that
+    backend would run (`models.attention.resolve_attention_impl`).
+    """
+    config, where = _model_config(model_cfg, name_or_path, head=head)
+    if backend is not None:
+        config = config.replace(attention_impl=resolve_attention_impl(config, backend))
+    return config, where
+
+
+def _model_config(
+    model_cfg: ml_collections.ConfigDict, name_or_path: str, *, head: str
+) -> tuple[ModelConfig, str]:
     if not name_or_path or Path(name_or_path).expanduser().is_dir():
         where = f"{name_or_path}/config.json" if name_or_path else "config.model.init"
         return model_config_for(model_cfg, name_or_path=name_or_path, head=head), where
@@ -432,7 +480,8 @@ def layer_activation_bytes(
     if c.num_experts:
         f = c.num_experts_per_tok * c.moe_intermediate_size / tensor
         dispatch, router = c.num_experts_per_tok * e * b, c.num_experts * 4
-    scores = rows * h * seq_len * (seq_len if c.attention_impl == "xla" else 1)
+    # Fused kernels (splash, cudnn) keep per-query softmax statistics, not [T, S] scores.
+    scores = rows * h * seq_len * (seq_len if c.attention_impl in ("xla", "auto") else 1)
     working = n * b * (8 * e + 4 * (h + k) * d + 8 * f) + 16 * scores
     working += n * (4 * dispatch + 4 * router)
     kept = {
@@ -454,7 +503,8 @@ def activation_bytes(
 ) -> dict[str, int]:
     """Per-device activation bytes of one forward + backward over `rows` sequences of `seq_len`.
 
-    kept       = L·kept_layer + rows·T² (bool attention mask) + 2·n·b·E (embeddings, final norm)
+    kept       = L·kept_layer + rows·T² (bool attention mask; none with splash, which builds its
+                 mask from segment ids in the kernel) + 2·n·b·E (embeddings, final norm)
     transient  = max(head, working_layer) + gather, where
       working_layer  the backward of one layer (recomputed first unless remat_policy == none)
       head       lm: rows·C·(V/t)·4·3 with C = logits_chunk_size or T (fp32 logits, softmax,
@@ -472,16 +522,20 @@ def activation_bytes(
     embeddings_only = c.replace(num_layers=0, layer_types=None)  # per-layer types need layers
     layer_params = (c.num_params() - embeddings_only.num_params()) / max(c.num_layers, 1)
     gather = 2 * max(layer_params, c.vocab_size * c.hidden_size) * b / tensor
-    kept = c.num_layers * kept_layer + rows * seq_len**2 + 2 * n * b * c.hidden_size
+    dense_mask = rows * seq_len**2 if c.attention_impl != "splash" else 0  # bool [B, T, T]
+    kept = c.num_layers * kept_layer + dense_mask + 2 * n * b * c.hidden_size
     transient = max(head, working) + gather
     return {"kept": int(kept), "transient": int(transient), "total": int(kept + transient)}
 
 
 def kv_cache_bytes(config: ModelConfig, *, rows: int, seq_len: int) -> int:
-    """L·rows·S·K·D·2·b: the sampler's cache (sharded over the batch only, conservatively)."""
+    """rows·(L_full·S + L_window·min(W, S))·K·D·2·b: the sampler's cache (sharded over the batch
+    only, conservatively); sliding-window layers keep a ring of W slots (`models.kv_cache`)."""
     c = config
     per_token = c.num_kv_heads * c.head_dim * 2 * np.dtype(c.dtype).itemsize
-    return int(c.num_layers * rows * seq_len * per_token)
+    windowed = sum(window_layers(c))
+    slots = (c.num_layers - windowed) * seq_len + windowed * window_length(c, seq_len)
+    return int(rows * slots * per_token)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -495,7 +549,11 @@ def _rows_per_device(examples: int, rows_per_example: int, data_parallel: int, k
 
 
 def plan_memory(
-    config: ml_collections.ConfigDict, *, mesh_shape: dict[str, int], device_memory_bytes: int
+    config: ml_collections.ConfigDict,
+    *,
+    mesh_shape: dict[str, int],
+    device_memory_bytes: int,
+    backend: str = "gpu",
 ) -> dict[str, Any]:
     """Bytes per device of training `config` on a mesh of `mesh_shape` (no devices needed).
 
@@ -504,6 +562,8 @@ def plan_memory(
       mesh_shape: size of each axis of `config.mesh.axis_names` over all devices (multislice:
         per-slice size × slices); axes left out are 1.
       device_memory_bytes: memory of one device.
+      backend: "gpu", "tpu" or "cpu": where `model.attention_impl="auto"` is resolved (TPU:
+        splash; GPU: cudnn in bf16/fp16 without logit soft-capping, else xla).
 
     Returns:
       A dict: `models` (role, source, params, bytes per device, trained; with LoRA also
@@ -534,7 +594,9 @@ def plan_memory(
         role: str, name_or_path: str, *, head: str, trained: bool, adapters: bool = False
     ) -> ModelConfig:
         """Adds a model; `adapters`: LoRA on it (only the adapters and a scalar head train)."""
-        model_config, source = resolve_model_config(model_cfg, name_or_path, head=head)
+        model_config, source = resolve_model_config(
+            model_cfg, name_or_path, head=head, backend=backend
+        )
         entry = dict(
             role=role,
             name_or_path=name_or_path or "(random init)",
@@ -673,10 +735,15 @@ def plan_memory(
         full_config = config.copy_and_resolve_references()
         full_config.model.lora.rank, full_config.model.lora.quantization = 0, "none"
         full_finetune = plan_memory(
-            full_config, mesh_shape=mesh_shape, device_memory_bytes=device_memory_bytes
+            full_config,
+            mesh_shape=mesh_shape,
+            device_memory_bytes=device_memory_bytes,
+            backend=backend,
         )
     return {
         "algorithm": algorithm,
+        "backend": backend,
+        "attention_impl": models[0]["config"].attention_impl,
         "mesh": axes,
         "num_devices": math.prod(sizes),
         "models": models,
@@ -708,7 +775,7 @@ def format_plan(plan: dict[str, Any], config: ml_collections.ConfigDict) -> str:
     lines = [
         f"algorithm {plan['algorithm']} | mesh {mesh} ({plan['num_devices']} devices) | "
         f"dtype {m.dtype}, params {m.param_dtype} | remat {m.remat_policy} | "
-        f"attention {m.attention_impl}",
+        f"attention {m.attention_impl} ({plan['backend']}: {plan['attention_impl']})",
     ]
     for model in plan["models"]:
         c = model["config"]
@@ -805,6 +872,9 @@ def main() -> None:
     )
     mesh_flag = flags.DEFINE_string("mesh", None, "AXIS=SIZE,... e.g. data=1,fsdp=8,tensor=1.")
     memory_flag = flags.DEFINE_float("device-memory-gb", None, "Memory of one device in GiB.")
+    backend_flag = flags.DEFINE_enum(
+        "backend", "gpu", ["gpu", "tpu", "cpu"], "Where attention_impl='auto' is resolved."
+    )
     flags.DEFINE_alias("device_memory_gb", "device-memory-gb")  # the flag style of every command
     flags.mark_flags_as_required(["config", "device-memory-gb"])
 
@@ -827,7 +897,10 @@ def main() -> None:
                 f"not --devices={devices}"
             )
         plan = plan_memory(
-            config, mesh_shape=mesh_shape, device_memory_bytes=int(memory_flag.value * GIB)
+            config,
+            mesh_shape=mesh_shape,
+            device_memory_bytes=int(memory_flag.value * GIB),
+            backend=backend_flag.value,
         )
         print(format_plan(plan, config), flush=True)
 

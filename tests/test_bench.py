@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from jaxalign.models import ModelConfig
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
 sys.path.insert(0, str(BENCH.parent))
 import bench  # noqa: E402
+
+mfu = bench.mfu  # bench/mfu.py, as bench.py imports it
 
 CONTRACT = {
     "workload": str,
@@ -34,7 +37,7 @@ CONTRACT = {
 }
 
 
-def run_bench(*args: str, timeout: int = 600) -> list[dict]:
+def run_bench_stdout(*args: str, timeout: int = 600) -> str:
     """Runs the script as CI would: one real CPU device (conftest's 8 fake ones are dropped)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
@@ -46,7 +49,11 @@ def run_bench(*args: str, timeout: int = 600) -> list[dict]:
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines()]
+    return proc.stdout
+
+
+def run_bench(*args: str, timeout: int = 600) -> list[dict]:
+    return [json.loads(line) for line in run_bench_stdout(*args, timeout=timeout).splitlines()]
 
 
 def check_contract(result: dict, workload: str) -> None:
@@ -193,6 +200,98 @@ def test_workload_argument_and_table():
     row["compare"] = {"torch_dpo": {"tokens_per_s": 0.5, "step_s": 2.0}, "trl": "not installed"}
     table = bench._format_table([row])
     assert "jaxalign / torch_dpo = 2.00x" in table and "trl: not installed" in table
+
+
+def parse_reports(stdout: str) -> dict[str, dict[str, str]]:
+    """{workload: {row name: value}} from the `== workload · preset ==` tables."""
+    reports = {}
+    for block in stdout.split("\n\n"):
+        title = re.match(r"== (\w+) · (\S+) =+\n", block)
+        if title:
+            rows = re.findall(r"^(\S.*?)  +(.*)$", block[title.end() :], re.M)
+            reports[title[1]] = {"preset": title[2], **dict(rows)}
+    return reports
+
+
+def test_llama_1b_shrunk_prints_mfu_tables():
+    """llama-1b cut to one layer and a 2048-token vocabulary (the widths, GQA and RoPE stay):
+    the SFT table parses, and XLA's FLOP count of the compiled step (no remat, XLA attention)
+    agrees with the analytic 6·N·T + attention count."""
+    overrides = ("--num-layers", "1", "--vocab-size", "2048", "--seq-len", "32")
+    stdout = run_bench_stdout(
+        *("--workload", "sft", "--preset", "llama-1b", *overrides, "--batch-size", "2"),
+        *("--steps", "1", "--warmup", "0", "--remat", "none", "--attention-impl", "xla"),
+        *("--matmul-peak-gflops", "100", "--peak-flops", "1e12"),
+    )
+    reports = parse_reports(stdout)
+    assert set(reports) == {"sft"}, stdout
+    config = ModelConfig(**bench.PRESETS["llama-1b"].model).replace(num_layers=1, vocab_size=2048)
+    assert (config.hidden_size, config.num_kv_heads, config.dtype) == (2048, 8, "bfloat16")
+    for report in reports.values():
+        assert report["preset"] == "llama-1b"
+        assert (report["device kind"], report["devices"]) == ("cpu (cpu)", "1")
+        assert report["attention impl"] == "xla"
+        assert report["dtype"] == "compute bfloat16, params float32, remat none"
+        rows, length, tokens = map(
+            int, re.match(r"(\d+) × (\d+) \(([\d,]+)", report["rows × length"]).groups()
+        )
+        assert (rows, length) == (2, 32)
+        step_s = float(report["step time"].split()[0])
+        assert float(report["tokens/s/device"].replace(",", "")) == pytest.approx(
+            tokens / step_s, rel=0.01
+        )
+        flops = float(report["FLOPs/step"].split()[0])
+        mfu_percent = float(re.match(r"([\d.]+)% \(peak 1 TFLOP/s", report["MFU"])[1])
+        assert mfu_percent == pytest.approx(100 * flops / step_s / 1e12, rel=0.02, abs=0.06)
+
+    # SFT: 3·F(2, 32) = 6·N·T + 12·L·H·D·R·T² over the 64 tokens; XLA also counts the
+    # elementwise work (norms, softmax, Adam), a few percent here.
+    sft = re.match(r"(\S+) \(xla\); analytic (\S+)$", reports["sft"]["FLOPs/step"])
+    assert sft, reports["sft"]["FLOPs/step"]
+    xla, analytic = float(sft[1]), float(sft[2])
+    expected = 6 * bench.matmul_params(config) * 64 + 12 * 1 * 32 * 64 * 2 * 32 * 32
+    assert analytic == pytest.approx(expected, rel=1e-3)
+    assert 0.95 < xla / analytic < 1.25
+    assert "workload    preset" in stdout  # the one-row-per-workload table follows
+
+
+def test_mfu_peaks_and_flop_source():
+    assert mfu.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert mfu.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert mfu.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert mfu.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+    assert mfu.peak_flops("TPU v5p", "bfloat16") == 459e12
+    assert mfu.peak_flops("TPU v6 lite", "bfloat16") == 918e12
+    assert mfu.peak_flops("cpu", "bfloat16") is None
+    assert mfu.model_flops(100.0, 110.0, None) == (110.0, "xla", None)
+    assert mfu.model_flops(100.0, 300.0, None)[1:] == (
+        "analytic",
+        "XLA's count is 3.00x the analytic one",
+    )
+    remat = mfu.xla_caveat(remat_policy="full", attention_impl="xla")
+    assert mfu.model_flops(100.0, 133.0, remat) == (100.0, "analytic", remat)
+    assert "custom call" in mfu.xla_caveat(remat_policy="none", attention_impl="cudnn")
+    assert mfu.xla_caveat(remat_policy="none", attention_impl="xla") is None
+    assert mfu.mfu(2e12, 2.0, 2, 1e12) == 0.5 and mfu.mfu(1.0, 1.0, 1, None) is None
+    # generate on a CPU: the analytic count (XLA counts a while loop's body once), no peak
+    loop = mfu.xla_caveat(remat_policy="none", attention_impl="xla", has_loop=True)
+    flops, source, note = mfu.model_flops(8e9, None, loop)
+    result = {
+        **dict(workload="generate", preset="llama-1b", device_kind="cpu", platform="cpu"),
+        **dict(num_devices=1, attention_impl="auto", attention_impl_run="xla", dtype="bfloat16"),
+        **dict(param_dtype="float32", remat_policy="full", rows=8, row_len=2048),
+        **dict(tokens_per_step=8192, step_s=2.0, step_s_min=1.5, tokens_per_s_per_device=4096.0),
+        **dict(flops_per_step=flops, flops_source=source, flops_note=note, mfu=None),
+        **dict(flops_per_step_analytic=8e9, flops_per_step_xla=None),
+    }
+    report = parse_reports(mfu.format_report(result))["generate"]
+    assert report["attention impl"] == "auto -> xla"
+    assert (
+        report["FLOPs/step"]
+        == "8e+09 (analytic); xla n/a [decode loop: XLA counts a while body once]"
+    )
+    assert report["MFU"] == "n/a (unknown peak for cpu)"
+    assert report["rows × length"] == "8 × 2048 (8,192 tokens/step counted)"
 
 
 @pytest.mark.slow

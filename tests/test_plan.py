@@ -27,6 +27,8 @@ GIB = 2**30
 PUBLISHED_SIZES = {
     "meta-llama/Meta-Llama-3-8B": 8_030_261_248,
     "meta-llama/Meta-Llama-3-8B-Instruct": 8_030_261_248,
+    "meta-llama/Llama-3.2-1B": 1_235_814_400,
+    "meta-llama/Llama-3.2-1B-Instruct": 1_235_814_400,
     "mistralai/Mistral-7B-v0.1": 7_241_732_096,
     "alignment-handbook/zephyr-7b-sft-full": 7_241_732_096,
     "Qwen/Qwen2.5-0.5B": 494_032_768,
@@ -205,6 +207,7 @@ def test_activation_estimate_follows_remat_policy_and_batch():
 
 def test_cudnn_attention_plans_without_a_gpu_and_drops_the_score_matrices():
     config = load_recipe("llama3_8b_dpo.py").get_config()
+    config.model.attention_impl = "xla"
     mesh = mesh_of(config)
     xla = planner.plan_memory(config, mesh_shape=mesh, device_memory_bytes=80 * GIB)
     config.model.attention_impl = "cudnn"
@@ -287,6 +290,17 @@ def test_kv_cache_bytes_of_llama3_8b_is_128_kib_per_token_in_bf16():
     assert planner.kv_cache_bytes(config, rows=4, seq_len=1024) == 4 * 1024 * 131_072
     fp32 = config.replace(dtype="float32")
     assert planner.kv_cache_bytes(fp32, rows=4, seq_len=1024) == 2 * 4 * 1024 * 131_072
+
+
+def test_kv_cache_bytes_count_window_sized_rings_for_sliding_layers():
+    """Gemma-2-2B: 13 global + 13 sliding layers (W = 4096), 4 KV heads x 256 dims x 2 x 2 bytes
+    = 4096 bytes per token and layer; at 8192 tokens 13·8192 + 13·4096 slots = 624 MiB."""
+    model_cfg = base_config().model
+    model_cfg.dtype = "bfloat16"
+    config, _ = planner.resolve_model_config(model_cfg, "google/gemma-2-2b")
+    assert planner.kv_cache_bytes(config, rows=1, seq_len=8192) == (13 * 8192 + 13 * 4096) * 4096
+    # Shorter than the window: every layer holds every token.
+    assert planner.kv_cache_bytes(config, rows=2, seq_len=1000) == 2 * 26 * 1000 * 4096
 
 
 def test_ppo_plan_counts_the_rollout_kv_cache():
@@ -441,3 +455,36 @@ def test_moe_activation_estimate_counts_k_expert_rows_and_the_dispatch_buffers()
         )
         assert moe_working - dense_working == 2176 * n
         assert moe_kept - dense_kept == kept_extra * n, policy
+
+
+def test_fused_attention_drops_the_score_matrices_from_the_estimate():
+    # Hand-computed: xla keeps rows·(H/t)·T² fp32-sized scores per layer, 16 bytes each working
+    # and 10 kept (remat none); a fused kernel keeps rows·(H/t)·T softmax statistics instead.
+    config = ModelConfig(num_heads=8, num_kv_heads=2, head_dim=16, hidden_size=128)
+    rows, seq_len, tensor = 2, 256, 2
+    scores_xla = rows * (8 / tensor) * seq_len * seq_len
+    scores_fused = rows * (8 / tensor) * seq_len
+    xla = planner.layer_activation_bytes(config, rows=rows, seq_len=seq_len, tensor=tensor)
+    for impl in ("splash", "cudnn"):
+        fused = planner.layer_activation_bytes(
+            config.replace(attention_impl=impl), rows=rows, seq_len=seq_len, tensor=tensor
+        )
+        assert xla[0] - fused[0] == 16 * (scores_xla - scores_fused)
+        assert xla[1] - fused[1] == 10 * (scores_xla - scores_fused)
+
+
+def test_auto_attention_plan_follows_the_backend():
+    config = load_recipe("llama3_8b_dpo.py").get_config()
+    config.model.attention_impl = "auto"
+    mesh = mesh_of(config)
+    plans = {
+        backend: planner.plan_memory(
+            config, mesh_shape=mesh, device_memory_bytes=80 * GIB, backend=backend
+        )
+        for backend in ("cpu", "gpu", "tpu")
+    }
+    assert [plans[b]["attention_impl"] for b in ("cpu", "gpu", "tpu")] == ["xla", "cudnn", "splash"]
+    activations = {b: plans[b]["bytes"]["activations"] for b in plans}
+    # splash also drops the dense [rows, T, T] boolean mask that cudnn is handed.
+    assert activations["tpu"] < activations["gpu"] < activations["cpu"]
+    assert "attention auto (tpu: splash)" in planner.format_plan(plans["tpu"], config)
