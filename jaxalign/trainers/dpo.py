@@ -132,13 +132,18 @@ def precompute_reference_logps(
     *,
     batch_size: int,
     chunk_size: int | None,
+    rules: Any = None,
 ) -> None:
     """Adds `reference_chosen_logps`/`reference_rejected_logps` to every example, in one pass.
 
     `batch_size` is global: each process feeds its slice of every batch, and every process gets
-    every example's values (any process may draw any example in a later epoch).
+    every example's values (any process may draw any example in a later epoch). With `rules`
+    (`config.mesh.logical_rules`) the forward runs in `sharding.activation_context`, as training
+    steps do.
     """
     logps_fn = jax.jit(lambda p, b: response_logps(model, p, b, chunk_size=chunk_size)[:2])
+    if rules is not None:
+        logps_fn = shd.in_activation_context(logps_fn, mesh, rules)
     # Full batches only: the last one is filled up with the last example (written twice), so
     # every batch splits over the processes and the mesh and reuses one compilation.
     num_examples = len(dataset.examples)
@@ -193,6 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> engine.RunResult:
                         # the step's microbatch: the most rows one forward is known to fit
                         batch_size=config.train.batch_size // config.optimizer.grad_accum_steps,
                         chunk_size=chunk_size,
+                        rules=config.mesh.logical_rules,
                     )
             ref_params = None  # training now holds one model
     return engine.train_offline(
