@@ -708,6 +708,9 @@ def plan_memory(
                 add("reference", reference, head="lm", trained=False)
         seq_len = config.data.max_length
         per_example = 1 if algorithm == "sft" else 2  # pairs: chosen and rejected rows
+        if algorithm == "dpo" and config.data.pack and config.dpo.share_prompt:
+            # packed shared-prompt rows: one row of 2 × max_length per batch row
+            seq_len, per_example = 2 * config.data.max_length, 1
         rows = _rows_per_device(micro, per_example, data_parallel, "train.batch_size")
         step = activation_bytes(policy, rows=rows, seq_len=seq_len, tensor=tensor, chunk_size=chunk)
         detail = {"kept across layers": step["kept"], "transient peak": step["transient"]}

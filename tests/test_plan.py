@@ -488,3 +488,16 @@ def test_auto_attention_plan_follows_the_backend():
     # splash also drops the dense [rows, T, T] boolean mask that cudnn is handed.
     assert activations["tpu"] < activations["gpu"] < activations["cpu"]
     assert "attention auto (tpu: splash)" in planner.format_plan(plans["tpu"], config)
+
+
+def test_packed_shared_prompt_dpo_plans_rows_of_twice_max_length():
+    config = load_recipe("llama3_8b_dpo.py").get_config()
+    config.model.attention_impl = "xla"
+    mesh = mesh_of(config)
+    plain = planner.plan_memory(config, mesh_shape=mesh, device_memory_bytes=80 * GIB)
+    config.data.pack = True
+    packed = planner.plan_memory(config, mesh_shape=mesh, device_memory_bytes=80 * GIB)
+    assert packed["seq_len"] == 2 * plain["seq_len"]
+    assert packed["rows_per_device"] * 2 == plain["rows_per_device"]
+    # Same tokens per device; the xla score term grows with the row length.
+    assert packed["bytes"]["activations"] > plain["bytes"]["activations"]
