@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models import KVCache, init_cache, sequence_token_logprobs
-from jaxalign.models.kv_cache import window_length
+from jaxalign.models.kv_cache import window_layers, window_length
 from jaxalign.models.transformer import softcap
 
 Array = jax.Array
@@ -286,6 +286,30 @@ def _cached_decode(model: Any, max_new_tokens: int, filtering: bool, num_generat
     return jax.jit(functools.partial(_decode, model, max_new_tokens, filtering, num_generations))
 
 
+def _check_left_padded(model_config: Any, prompt_mask: Any, max_length: int) -> None:
+    """Raises when a prompt row has padding after a real token and the model keeps ring caches
+    shorter than `max_length` (sliding-window layers), which are exact for left padding only
+    (`jaxalign.models.kv_cache`). Traced or not fully addressable masks are not checked."""
+    if (
+        not any(window_layers(model_config))
+        or window_length(model_config, max_length) >= max_length
+    ):
+        return
+    if isinstance(prompt_mask, jax.core.Tracer) or (
+        isinstance(prompt_mask, jax.Array) and not prompt_mask.is_fully_addressable
+    ):
+        return
+    real = np.asarray(prompt_mask) != 0
+    gaps = np.flatnonzero((np.maximum.accumulate(real, axis=1) & ~real).any(axis=1))
+    if gaps.size:
+        raise ValueError(
+            f"prompt_attention_mask rows {gaps[:8].tolist()}{' ...' if gaps.size > 8 else ''} "
+            "have padding after a real token; generate needs left-padded prompts (padding first, "
+            f"as batching.collate_prompts makes them): this model's sliding-window layers keep a "
+            f"ring of {window_length(model_config, max_length)} slots, exact for left padding only"
+        )
+
+
 def generate(
     model: Any,
     params: Any,
@@ -326,6 +350,9 @@ def generate(
         row_keys = row_keys_from_rng(rng, batch)
     if row_keys.shape[0] != batch:
         raise ValueError(f"row_keys has {row_keys.shape[0]} keys for {batch} rows")
+    _check_left_padded(
+        model.config, prompt_attention_mask, prompt_input_ids.shape[1] + config.max_new_tokens
+    )
     filtering = config.top_k > 0 or config.top_p < 1.0
     decode = _jitted_decode(model, config.max_new_tokens, filtering, num_generations)
     knobs = _knobs(config, model.config.vocab_size)

@@ -14,7 +14,7 @@ import pytest
 
 from jaxalign.models import Transformer, init_cache
 from jaxalign.models.config import ModelConfig
-from jaxalign.sampling import SamplingConfig, generate
+from jaxalign.sampling import SamplingConfig, _check_left_padded, generate
 
 WINDOW = 4
 TOL = 1e-5
@@ -187,3 +187,15 @@ def test_greedy_generate_equals_full_forwards(models, arch, scan, prompt_len):
         model, params, ids, mask, rng=jax.random.key(0), config=config, num_generations=group
     )
     np.testing.assert_array_equal(np.asarray(shared.tokens), np.repeat(expected, group, axis=0))
+
+
+def test_generate_refuses_right_padded_prompts_when_the_ring_is_shorter_than_the_run(models):
+    model, params = models("mistral", False)
+    ids, mask = _left_padded([3, 6], prompt_len=6)
+    right = np.ascontiguousarray(mask[:, ::-1])  # row 0: 3 real tokens, then padding
+    config = SamplingConfig(max_new_tokens=4, greedy=True, eos_token_ids=(), pad_token_id=0)
+    with pytest.raises(ValueError, match=r"rows \[0\] have padding after a real token"):
+        generate(model, params, ids, right, rng=jax.random.key(0), config=config)
+    # A window of 16 holds all 6 + 4 slots (the ring is the whole cache): nothing to refuse.
+    _check_left_padded(model.config.replace(sliding_window=16), right, 10)
+    _check_left_padded(model.config, mask, 10)  # left-padded: fine
